@@ -1,0 +1,19 @@
+"""Errors that decide a stage's exit code: 2 means bad input or config (retrying will not help)."""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+
+
+class BadInputError(Exception):
+    """The input (archive, manifest, shards) cannot be used; the message says which and what to do."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class ConfigError(BadInputError):
+    """A configuration key or value is wrong; the message names the key."""
+
+
+class UpstreamMissingError(BadInputError):
+    """A stage's input marker (_SUCCESS.json) is missing after the allowed wait."""

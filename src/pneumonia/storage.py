@@ -1,0 +1,256 @@
+"""Paths that are local folders or gs:// URLs, one API for both.
+
+Reads, writes and listings go through `tf.io.gfile`, which speaks both natively (and is what
+tf.data, checkpoints and TensorBoard use too). The google-cloud-storage client does the two things
+gfile does badly: uploading a large archive (resumable, with progress and a checksum) and
+create-if-absent writes (`if_generation_match=0`), which make "first writer wins" markers safe.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import tensorflow as tf
+
+from pneumonia.errors import UpstreamMissingError
+from pneumonia.logs import get_logger
+
+log = get_logger(__name__)
+
+GCS_SCHEME = "gs://"
+_CHUNK = 8 * 1024 * 1024
+
+
+def is_gcs(path: str) -> bool:
+    return str(path).startswith(GCS_SCHEME)
+
+
+def join(root: str, *parts: str) -> str:
+    path = str(root).rstrip("/")
+    for part in parts:
+        path = f"{path}/{str(part).strip('/')}"
+    return path
+
+
+def split_gcs(url: str) -> tuple[str, str]:
+    """gs://bucket/a/b -> ("bucket", "a/b")."""
+    bucket, _, name = url[len(GCS_SCHEME):].partition("/")
+    return bucket, name
+
+
+def exists(path: str) -> bool:
+    return tf.io.gfile.exists(path)
+
+
+def makedirs(path: str) -> None:
+    if not is_gcs(path):  # GCS has no folders; objects create their prefixes
+        tf.io.gfile.makedirs(path)
+
+
+def listdir(path: str) -> list[str]:
+    if not tf.io.gfile.isdir(path):
+        return []
+    return sorted(name.rstrip("/") for name in tf.io.gfile.listdir(path))
+
+
+def glob(pattern: str) -> list[str]:
+    return sorted(tf.io.gfile.glob(pattern))
+
+
+def size(path: str) -> int:
+    return tf.io.gfile.stat(path).length
+
+
+def open_file(path: str, mode: str = "rb") -> Any:
+    return tf.io.gfile.GFile(path, mode)
+
+
+def read_bytes(path: str) -> bytes:
+    with tf.io.gfile.GFile(path, "rb") as handle:
+        return handle.read()
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def read_json(path: str) -> Any:
+    return json.loads(read_bytes(path))
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with tf.io.gfile.GFile(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def remove(path: str) -> None:
+    if tf.io.gfile.exists(path):
+        tf.io.gfile.remove(path)
+
+
+def remove_tree(path: str) -> None:
+    if tf.io.gfile.exists(path):
+        tf.io.gfile.rmtree(path)
+
+
+def temp_name(path: str) -> str:
+    """A sibling name for a write in progress: same folder (so the rename stays cheap), unique."""
+    folder, _, name = path.rpartition("/")
+    return f"{folder}/.tmp-{uuid.uuid4().hex[:12]}-{name}" if folder else f".tmp-{uuid.uuid4().hex[:12]}-{name}"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yields a temporary path to write; on success it is renamed onto `path`, on error removed.
+
+    Readers never see a half-written file: locally the rename is atomic; on GCS an object only
+    appears once its upload completes, and the rename is a server-side copy of a finished object.
+    """
+    parent = path.rpartition("/")[0]
+    if parent:
+        makedirs(parent)
+    temp = temp_name(path)
+    try:
+        yield temp
+        tf.io.gfile.rename(temp, path, overwrite=True)
+    finally:
+        if tf.io.gfile.exists(temp):
+            tf.io.gfile.remove(temp)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Atomic write: temp name, then move."""
+    with atomic_path(path) as temp:
+        with tf.io.gfile.GFile(temp, "wb") as handle:
+            handle.write(data)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str, payload: Any) -> None:
+    write_bytes(path, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def copy_to_local(path: str, local_path: str) -> None:
+    tf.io.gfile.copy(path, local_path, overwrite=True)
+
+
+def create_if_absent(path: str, data: bytes) -> bool:
+    """Writes `data` only if nothing is at `path`; returns whether this call created it.
+
+    Safe when several workers race: exactly one wins. Locally a hard link of a finished temp file
+    fails if the target exists; on GCS the upload carries if_generation_match=0.
+    """
+    if is_gcs(path):
+        from google.api_core import exceptions as gcs_errors
+
+        bucket_name, name = split_gcs(path)
+        blob = gcs_client().bucket(bucket_name).blob(name)
+        try:
+            blob.upload_from_string(data, if_generation_match=0)
+        except gcs_errors.PreconditionFailed:
+            return False
+        return True
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    temp = temp_name(path)
+    with open(temp, "wb") as handle:
+        handle.write(data)
+    try:
+        os.link(temp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.remove(temp)
+
+
+def wait_for(path: str, timeout_s: float, what: str, poll_s: float = 10.0) -> None:
+    """Waits (bounded, logged) until `path` exists; raises UpstreamMissingError past the timeout."""
+    deadline = time.monotonic() + timeout_s
+    next_log = 0.0
+    while not exists(path):
+        now = time.monotonic()
+        if now >= deadline:
+            raise UpstreamMissingError(
+                f"{what} is missing: {path} does not exist"
+                + (f" after waiting {timeout_s:.0f} s" if timeout_s else "")
+                + "; run the upstream stage first (or raise cluster.upstream_wait_timeout_s)"
+            )
+        if now >= next_log:
+            log.info("waiting for upstream", marker=path, what=what, seconds_left=round(deadline - now))
+            next_log = now + 60.0
+        time.sleep(min(poll_s, max(0.0, deadline - now)))
+
+
+def gcs_client() -> Any:
+    """A google-cloud-storage client; honours STORAGE_EMULATOR_HOST (tests) and Workload Identity."""
+    from google.cloud import storage as gcs
+
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+
+        return gcs.Client(project="test", credentials=AnonymousCredentials())
+    return gcs.Client()
+
+
+def upload_file(local_path: str, url: str, progress: Callable[[int, int], None] | None = None) -> bool:
+    """Uploads a local file to gs:// resumably, verified by CRC32C; skips it if the same object is there.
+
+    Returns True when it uploaded, False when the bucket already held identical bytes.
+    """
+    import google_crc32c
+
+    bucket_name, name = split_gcs(url)
+    blob = gcs_client().bucket(bucket_name).blob(name, chunk_size=_CHUNK)
+    crc = google_crc32c.Checksum()
+    total = os.path.getsize(local_path)
+    with open(local_path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            crc.update(chunk)
+    local_crc32c = base64.b64encode(crc.digest()).decode("ascii")
+    existing = blob.bucket.get_blob(name)
+    if existing is not None and existing.size == total and existing.crc32c == local_crc32c:
+        log.info("archive already in bucket", url=url, bytes=total)
+        return False
+    with open(local_path, "rb") as handle:
+        reader = _ProgressReader(handle, total, progress)
+        # checksum="crc32c" makes the client verify the server's checksum of the whole object.
+        blob.upload_from_file(reader, size=total, checksum="crc32c", rewind=False)
+    return True
+
+
+class _ProgressReader:
+    """File wrapper that reports bytes read, so a resumable upload can show progress."""
+
+    def __init__(self, handle: Any, total: int, progress: Callable[[int, int], None] | None) -> None:
+        self._handle, self._total, self._progress, self._done = handle, total, progress, 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._handle.read(size)
+        self._done += len(chunk)
+        if self._progress:
+            self._progress(self._done, self._total)
+        return chunk
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        position = self._handle.seek(offset, whence)
+        self._done = position
+        return position
