@@ -7,19 +7,199 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pneumonia.config import ClusterConfig
+from pneumonia.errors import BadInputError
+from pneumonia.logs import get_logger
+
+log = get_logger(__name__)
+
+_TF_CONFIG = "TF_CONFIG"
+_COMPLETION_INDEX = "JOB_COMPLETION_INDEX"
 
 
 def completion_index() -> int | None:
     """This pod's index in a Kubernetes Indexed Job, or None outside one."""
-    value = os.environ.get("JOB_COMPLETION_INDEX")
+    value = os.environ.get(_COMPLETION_INDEX)
     return int(value) if value not in (None, "") else None
+
+
+def tf_config() -> dict | None:
+    """The parsed TF_CONFIG, or None when this process is not part of a multi-worker cluster."""
+    raw = os.environ.get(_TF_CONFIG)
+    if not raw:
+        return None
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise BadInputError(f"TF_CONFIG is not valid JSON ({error}); it must look like "
+                            '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}') from None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("cluster"), dict):
+        raise BadInputError("TF_CONFIG needs a 'cluster' mapping of task type to host:port lists")
+    return parsed
 
 
 def worker_index() -> int:
     """This process's rank: TF_CONFIG's task index, else the Indexed Job's index, else 0."""
-    tf_config = os.environ.get("TF_CONFIG")
+    tf_config = os.environ.get(_TF_CONFIG)
     if tf_config:
         task = json.loads(tf_config).get("task", {})
         return int(task.get("index", 0))
     index = completion_index()
     return index if index is not None else 0
+
+
+def worker_dns_name(job_name: str, index: int, service_name: str) -> str:
+    """An Indexed Job pod's stable hostname under its headless Service (pod subdomain)."""
+    return f"{job_name}-{index}.{service_name}"
+
+
+def build_tf_config(index: int, num_workers: int, job_name: str, service_name: str, port: int) -> dict:
+    """TF_CONFIG for worker `index` of an Indexed Job whose pods resolve as <job>-<i>.<service>."""
+    workers = [f"{worker_dns_name(job_name, i, service_name)}:{port}" for i in range(num_workers)]
+    return {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Who is in the cluster and who this process is; one worker and no addresses when alone."""
+
+    workers: tuple[str, ...] = ()
+    task_type: str = "worker"
+    task_index: int = 0
+    has_chief_task: bool = False
+
+    @property
+    def num_workers(self) -> int:
+        return max(1, len(self.workers) + (1 if self.has_chief_task else 0))
+
+    @property
+    def is_multi_worker(self) -> bool:
+        return self.num_workers > 1 or bool(self.workers)
+
+    @property
+    def is_chief(self) -> bool:
+        # TF's rule: an explicit "chief" task is the chief; without one, worker 0 is.
+        if self.has_chief_task:
+            return self.task_type == "chief"
+        return self.task_type == "worker" and self.task_index == 0
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return tuple(address.rpartition(":")[0] for address in self.workers)
+
+    @classmethod
+    def from_tf_config(cls, parsed: dict | None) -> "ClusterSpec":
+        if not parsed:
+            return cls()
+        cluster = parsed.get("cluster", {})
+        task = parsed.get("task", {})
+        workers = tuple(cluster.get("worker", ()))
+        return cls(workers=workers, task_type=str(task.get("type", "worker")), task_index=int(task.get("index", 0)),
+                   has_chief_task=bool(cluster.get("chief")))
+
+
+def cluster_spec() -> ClusterSpec:
+    return ClusterSpec.from_tf_config(tf_config())
+
+
+def is_chief() -> bool:
+    """Whether this process writes the shared outputs (the only worker, or the cluster's chief)."""
+    return cluster_spec().is_chief
+
+
+def num_workers() -> int:
+    return cluster_spec().num_workers
+
+
+def configure_from_indexed_job(config: ClusterConfig, *, resolve: Callable[[str], Any] | None = None,
+                               poll_s: float = 2.0) -> ClusterSpec:
+    """Inside an Indexed Job with several workers and no TF_CONFIG: builds TF_CONFIG and waits for peers.
+
+    Sets TF_CONFIG in this process's environment (TensorFlow's cluster resolver reads it there) and
+    returns the resulting spec. Outside an Indexed Job, or with TF_CONFIG already set, changes nothing.
+    """
+    index = completion_index()
+    if os.environ.get(_TF_CONFIG) or index is None or config.num_workers <= 1:
+        return cluster_spec()
+    if index >= config.num_workers:
+        raise BadInputError(f"JOB_COMPLETION_INDEX={index} but cluster.num_workers={config.num_workers}; "
+                            "the Job's completions must equal cluster.num_workers")
+    built = build_tf_config(index, config.num_workers, config.train_job_name, config.train_service_name,
+                            config.worker_port)
+    os.environ[_TF_CONFIG] = json.dumps(built)
+    spec = ClusterSpec.from_tf_config(built)
+    log.info("built TF_CONFIG from the Indexed Job", index=index, workers=list(spec.workers))
+    wait_for_peers(spec.hosts, config.peer_wait_timeout_s, resolve=resolve, poll_s=poll_s)
+    return spec
+
+
+def wait_for_peers(hosts: Sequence[str], timeout_s: float, *, resolve: Callable[[str], Any] | None = None,
+                   poll_s: float = 2.0) -> None:
+    """Waits (bounded, logged) until every host name resolves.
+
+    A headless Service only publishes a pod's DNS record once the pod exists; creating the strategy
+    earlier makes its first RPCs fail. Past the timeout this raises (exit 1, so the pod is retried).
+    """
+    resolve = resolve or (lambda host: socket.getaddrinfo(host, None))
+    deadline = time.monotonic() + timeout_s
+    next_log = 0.0
+    pending = list(dict.fromkeys(hosts))
+    while True:
+        still = []
+        for host in pending:
+            try:
+                resolve(host)
+            except OSError:
+                still.append(host)
+        pending = still
+        if not pending:
+            log.info("all peers resolve", num_peers=len(hosts))
+            return
+        now = time.monotonic()
+        if now >= deadline:
+            raise TimeoutError(f"peers did not resolve within cluster.peer_wait_timeout_s={timeout_s:.0f} s: "
+                               f"{', '.join(pending)}; check the headless Service and the Job's pods")
+        if now >= next_log:
+            log.info("waiting for peers to resolve", pending=pending, seconds_left=round(deadline - now))
+            next_log = now + 30.0
+        time.sleep(min(poll_s, max(0.0, deadline - now)))
+
+
+def num_gpus() -> int:
+    import tensorflow as tf
+
+    return len(tf.config.list_physical_devices("GPU"))
+
+
+def make_strategy(config: ClusterConfig) -> tuple[Any, ClusterSpec]:
+    """The strategy for this process, and the cluster it belongs to.
+
+    TF_CONFIG (given, or built from the Indexed Job) -> MultiWorkerMirroredStrategy, NCCL on GPUs
+    and RING on CPU; several local GPUs -> MirroredStrategy; else the default strategy. Call it
+    before any other TensorFlow op: collectives must be configured at program start.
+    """
+    import tensorflow as tf
+
+    spec = configure_from_indexed_job(config)
+    gpus = num_gpus()
+    if spec.is_multi_worker:
+        implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL if gpus
+                          else tf.distribute.experimental.CommunicationImplementation.RING)
+        options = tf.distribute.experimental.CommunicationOptions(implementation=implementation)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        log.info("strategy", strategy="MultiWorkerMirroredStrategy", communication=implementation.name,
+                 num_workers=spec.num_workers, task_index=spec.task_index, is_chief=spec.is_chief,
+                 num_replicas=strategy.num_replicas_in_sync)
+    elif gpus > 1:
+        strategy = tf.distribute.MirroredStrategy()
+        log.info("strategy", strategy="MirroredStrategy", num_replicas=strategy.num_replicas_in_sync)
+    else:
+        strategy = tf.distribute.get_strategy()
+        log.info("strategy", strategy="default", num_gpus=gpus)
+    return strategy, spec

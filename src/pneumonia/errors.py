@@ -17,3 +17,7 @@ class ConfigError(BadInputError):
 
 class UpstreamMissingError(BadInputError):
     """A stage's input marker (_SUCCESS.json) is missing after the allowed wait."""
+
+# SIGTERM (preemption, node drain) after the backup is saved: the Jobs' podFailurePolicy ignores
+# this code, so the pod is replaced without spending backoffLimit and training resumes from backup.
+EXIT_PREEMPTED = 143

@@ -1,0 +1,113 @@
+# Chest X-ray pneumonia classifier: preprocess -> shard -> train -> evaluate, locally or on Kubernetes.
+# `make help` lists the targets. Every target installs what it needs into .venv first.
+
+SHELL := /usr/bin/env bash -o pipefail
+.SHELLFLAGS := -ec
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+## Local pipeline
+ARCHIVE ?=
+WORKERS ?= 1
+CONFIG ?= $(if $(ARCHIVE),jobs/configs/local.yaml,jobs/configs/demo.yaml)
+DATA_ROOT ?= $(if $(ARCHIVE),data/local,data/demo)
+DEMO_ARCHIVE ?= data/demo/raw/demo-chest-xray.zip
+DEMO_IMAGES ?= 300
+SET ?=
+# Evaluated once (a plain ?= would call `date` again at every use).
+ifeq ($(origin RUN_ID), undefined)
+RUN_ID := local-$(shell date -u +%Y%m%d-%H%M%S)
+endif
+STAGE_ARGS = --config $(CONFIG) --set data.root=$(DATA_ROOT) --set data.archive=$(or $(ARCHIVE),$(DEMO_ARCHIVE)) \
+	--set train.run_id=$(RUN_ID) --set cluster.num_workers=$(WORKERS) $(foreach s,$(SET),--set $(s))
+
+## Cluster
+IMAGE ?= us-docker.pkg.dev/YOUR_PROJECT/pneumonia/pneumonia
+TAG ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo 0.1.0)
+BASE_IMAGE ?= tensorflow/tensorflow:2.21.0-gpu
+BAKE_WEIGHTS ?= 0
+CONTEXT ?=
+NAMESPACE ?= pneumonia
+BUCKET ?=
+GPUS_PER_WORKER ?= 1
+GPU_TYPE ?= nvidia-l4
+CLUSTER_ARGS ?=
+
+## Tests and benchmarks
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+.PHONY: help
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "Variables: ARCHIVE=path.zip WORKERS=$(WORKERS) CONFIG=$(CONFIG) DATA_ROOT=$(DATA_ROOT) SET='key=value ...'"
+
+.PHONY: setup
+setup: $(VENV)/.setup-stamp ## Create .venv and install the package with its test tools (quick when done)
+
+$(VENV)/.setup-stamp: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+.PHONY: demo-archive
+demo-archive: setup ## Write the synthetic archive (real Kaggle layout) to DEMO_ARCHIVE
+	test -f $(DEMO_ARCHIVE) || $(PY) -m pneumonia.data.demo --out $(DEMO_ARCHIVE) --num-images $(DEMO_IMAGES)
+
+.PHONY: train-local
+train-local: setup $(if $(ARCHIVE),,demo-archive) ## Run all four stages here (ARCHIVE=real.zip, WORKERS=2 for two workers)
+	$(PY) jobs/preprocess.py $(STAGE_ARGS)
+	$(PY) jobs/shard.py $(STAGE_ARGS)
+ifeq ($(WORKERS),1)
+	$(PY) jobs/train.py $(STAGE_ARGS)
+else
+	$(PY) -m pneumonia.training.local_workers --workers $(WORKERS) -- $(STAGE_ARGS)
+endif
+	$(PY) jobs/evaluate.py $(STAGE_ARGS)
+
+.PHONY: test
+test: setup ## Run the test suite (slow end-to-end tests included)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+.PHONY: test-fast
+test-fast: setup ## Run the tests without the slow end-to-end ones
+	$(PY) -m pytest -m 'not slow' $(PYTEST_ARGS)
+
+.PHONY: lint
+lint: setup ## Lint Python (ruff), the Dockerfile (hadolint) and the manifests (kubernetes-validate)
+	$(VENV)/bin/ruff check src jobs tests bench
+	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/kubernetes-validate --strict manifests/*.yaml
+
+.PHONY: bench
+bench: setup ## Benchmarks: shard/loader throughput and training images/s versus baselines (bench/results/)
+	$(PY) bench/bench_data.py $(BENCH_ARGS)
+	$(PY) bench/bench_train.py $(BENCH_ARGS)
+
+.PHONY: image
+image: ## Build the container image IMAGE:TAG (needs a Docker engine)
+	docker build --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg BAKE_WEIGHTS=$(BAKE_WEIGHTS) -t $(IMAGE):$(TAG) .
+
+.PHONY: push
+push: image ## Push IMAGE:TAG to its registry
+	docker push $(IMAGE):$(TAG)
+
+.PHONY: train-cluster
+train-cluster: setup push ## Build/push the image, upload ARCHIVE, launch the Jobs and follow them (BUCKET=gs://...)
+	$(PY) -m pneumonia.k8s run --image $(IMAGE):$(TAG) --bucket $(BUCKET) --namespace $(NAMESPACE) \
+		--workers $(WORKERS) --gpus-per-worker $(GPUS_PER_WORKER) --gpu-type $(GPU_TYPE) \
+		$(if $(CONTEXT),--context $(CONTEXT)) $(if $(ARCHIVE),--archive $(ARCHIVE)) \
+		$(if $(filter command line,$(origin RUN_ID)),--run-id $(RUN_ID)) $(CLUSTER_ARGS)
+
+.PHONY: clean
+clean: ## Remove local data, results and caches (keeps .venv)
+	rm -rf data bench/results .pytest_cache
+	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
+
+.PHONY: distclean
+distclean: clean ## Also remove .venv
+	rm -rf $(VENV)
