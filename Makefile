@@ -25,8 +25,10 @@ STAGE_ARGS = --config $(CONFIG) --set data.root=$(DATA_ROOT) --set data.archive=
 	--set train.run_id=$(RUN_ID) --set cluster.num_workers=$(WORKERS) $(foreach s,$(SET),--set $(s))
 
 ## Cluster
-IMAGE ?= us-docker.pkg.dev/YOUR_PROJECT/pneumonia/pneumonia
-TAG ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo 0.1.0)
+PROJECT ?= PROJECT
+REGION ?= REGION
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo 0.1.0)
+IMAGE ?= $(REGION)-docker.pkg.dev/$(PROJECT)/pneumonia/pneumonia:$(VERSION)
 BASE_IMAGE ?= tensorflow/tensorflow:2.21.0-gpu
 BAKE_WEIGHTS ?= 0
 CONTEXT ?=
@@ -34,7 +36,8 @@ NAMESPACE ?= pneumonia
 BUCKET ?=
 GPUS_PER_WORKER ?= 1
 GPU_TYPE ?= nvidia-l4
-CLUSTER_ARGS ?=
+DRY_RUN ?=
+K8S_FLAGS ?=
 
 ## Tests and benchmarks
 PYTEST_ARGS ?=
@@ -81,7 +84,7 @@ test-fast: setup ## Run the tests without the slow end-to-end ones
 lint: setup ## Lint Python (ruff), the Dockerfile (hadolint) and the manifests (kubernetes-validate)
 	$(VENV)/bin/ruff check src jobs tests bench
 	$(VENV)/bin/hadolint Dockerfile
-	$(VENV)/bin/kubernetes-validate --strict manifests/*.yaml
+	$(VENV)/bin/kubernetes-validate --strict -k 1.30.0 -k 1.37.0 manifests/*.yaml
 
 .PHONY: bench
 bench: setup ## Benchmarks: shard/loader throughput and training images/s versus baselines (bench/results/)
@@ -89,19 +92,22 @@ bench: setup ## Benchmarks: shard/loader throughput and training images/s versus
 	$(PY) bench/bench_train.py $(BENCH_ARGS)
 
 .PHONY: image
-image: ## Build the container image IMAGE:TAG (needs a Docker engine)
-	docker build --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg BAKE_WEIGHTS=$(BAKE_WEIGHTS) -t $(IMAGE):$(TAG) .
+image: ## Build the image IMAGE (BASE_IMAGE=tensorflow/tensorflow:2.21.0 for CPU, BAKE_WEIGHTS=1; needs Docker)
+	docker build --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg BAKE_WEIGHTS=$(BAKE_WEIGHTS) \
+		--build-arg VERSION=$(VERSION) --build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) \
+		-t $(IMAGE) .
 
 .PHONY: push
-push: image ## Push IMAGE:TAG to its registry
-	docker push $(IMAGE):$(TAG)
+push: image ## Build and push IMAGE to its registry
+	docker push $(IMAGE)
 
 .PHONY: train-cluster
-train-cluster: setup push ## Build/push the image, upload ARCHIVE, launch the Jobs and follow them (BUCKET=gs://...)
-	$(PY) -m pneumonia.k8s run --image $(IMAGE):$(TAG) --bucket $(BUCKET) --namespace $(NAMESPACE) \
-		--workers $(WORKERS) --gpus-per-worker $(GPUS_PER_WORKER) --gpu-type $(GPU_TYPE) \
-		$(if $(CONTEXT),--context $(CONTEXT)) $(if $(ARCHIVE),--archive $(ARCHIVE)) \
-		$(if $(filter command line,$(origin RUN_ID)),--run-id $(RUN_ID)) $(CLUSTER_ARGS)
+train-cluster: setup $(if $(DRY_RUN),,push) ## Push the image, upload ARCHIVE, launch and follow the Jobs (BUCKET=gs://... [DRY_RUN=1])
+	$(PY) -m pneumonia.k8s run --namespace $(NAMESPACE) --image $(IMAGE) \
+		$(if $(filter command line environment,$(origin WORKERS)),--workers $(WORKERS)) --gpus-per-worker $(GPUS_PER_WORKER) --gpu-type $(GPU_TYPE) \
+		$(if $(BUCKET),--bucket $(BUCKET)) $(if $(CONTEXT),--context $(CONTEXT)) \
+		$(if $(filter command line environment,$(origin RUN_ID)),--run-id $(RUN_ID)) \
+		$(if $(ARCHIVE),--archive $(ARCHIVE)) $(if $(DRY_RUN),--dry-run) $(K8S_FLAGS)
 
 .PHONY: clean
 clean: ## Remove local data, results and caches (keeps .venv)
