@@ -250,8 +250,25 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         tree.setdefault(section, {})
         if not isinstance(tree[section], dict):
             raise ConfigError(f"config section {section!r} must be a mapping")
-        tree[section][name] = yaml.safe_load(raw) if raw.strip() else ""
+        tree[section][name] = raw.strip() if _is_text_field(section, name) else _parse_value(key, raw)
     return from_dict(tree).validate()
+
+
+def _is_text_field(section: str, name: str) -> bool:
+    """Text fields keep `--set` values verbatim: YAML would read run id 0042 as the octal number 34."""
+    section_type = typing.get_type_hints(PipelineConfig).get(section)
+    if section_type is None:
+        return False
+    return typing.get_type_hints(section_type).get(name) is str
+
+
+def _parse_value(key: str, raw: str) -> Any:
+    if not raw.strip():
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"override {key}={raw!r}: the value is not valid YAML") from None
 
 
 def from_dict(tree: dict[str, Any]) -> PipelineConfig:

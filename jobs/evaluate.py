@@ -1,0 +1,10 @@
+"""Evaluate stage: a finished run's best checkpoint on the test shards -> runs/<run_id>/report/.
+
+    .venv/bin/python jobs/evaluate.py --config jobs/configs/demo.yaml --set train.run_id=RUN_ID
+"""
+
+from pneumonia.cli import main
+from pneumonia.training.evaluate import run
+
+if __name__ == "__main__":
+    main("evaluate", run)

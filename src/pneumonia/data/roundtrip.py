@@ -1,0 +1,178 @@
+"""The round-trip check: shards read back through the input pipeline must match the manifest and sources.
+
+Every record's label, class and path are checked against the split manifest (the same set comes
+back, nothing lost or doubled); sampled images are decoded by the pipeline and compared with the
+source after the same resize: equal pixels for PNG, PSNR above a floor for JPEG. The pairs are
+drawn to roundtrip.png for people. The shard stage runs it before writing its marker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from pneumonia import storage
+from pneumonia.config import CLASS_NAMES, PipelineConfig
+from pneumonia.data import imaging, pipeline, tfrecords
+from pneumonia.errors import BadInputError
+from pneumonia.logs import get_logger
+
+log = get_logger(__name__)
+
+PLOT_NAME = "roundtrip.png"
+_MAX_PROBLEMS_SHOWN = 5
+_MAX_PAIRS_DRAWN = 36
+
+
+@dataclass
+class Pair:
+    split: str
+    class_name: str
+    source_path: str
+    shard: str
+    source: np.ndarray  # float [H, W, C] in [0, 1], the source after the writer's resize
+    stored: np.ndarray  # float [H, W, C] in [0, 1], as the input pipeline yields it
+    stored_class_name: str
+    psnr_db: float
+
+
+def sample_rows(rows: list[dict[str, Any]], per_class: int, seed: int) -> list[dict[str, Any]]:
+    """`per_class` rows of every (split, class), picked by a seeded hash so reruns pick the same ones."""
+    def key(row: dict[str, Any]) -> str:
+        return hashlib.sha256(f"roundtrip/{seed}/{row['path']}".encode()).hexdigest()
+
+    picked = []
+    for split in pipeline.SPLITS:
+        for class_name in CLASS_NAMES:
+            group = sorted((r for r in rows if r["split"] == split and r["class"] == class_name), key=key)
+            picked.extend(group[:per_class])
+    return picked
+
+
+def check(processed_dir: str, shards: list[dict[str, Any]], rows: list[dict[str, Any]], config: PipelineConfig,
+          data_root: str) -> dict[str, Any]:
+    """Checks `shards` ([{name, split}]) against the manifest `rows` to shard; returns a summary.
+
+    Raises BadInputError naming the shard file and source path of the first mismatches; the plot
+    is written either way, since it is most useful when the check fails.
+    """
+    shard_config = config.shard
+    height, width, channels = shard_config.image_height, shard_config.image_width, shard_config.channels
+    expected = {row["path"]: row for row in rows}
+    wanted = {row["path"] for row in sample_rows(rows, shard_config.roundtrip_samples_per_class, config.split.seed)}
+    problems: list[str] = []
+    seen: dict[str, str] = {}
+    serialized_samples: dict[str, tuple[str, bytes]] = {}
+
+    for shard in shards:
+        path = storage.join(processed_dir, shard["name"])
+        try:
+            for index, serialized in enumerate(tf.data.TFRecordDataset(path).as_numpy_iterator()):
+                record = tfrecords.decode_example(serialized)
+                where = f"record {index} of shard {path} (source {record.source_path})"
+                row = expected.get(record.source_path)
+                if row is None or row["split"] != shard["split"]:
+                    problems.append(f"{where}: not a {shard['split']} row of the split manifest")
+                    continue
+                if record.source_path in seen:
+                    problems.append(f"{where}: also in shard {seen[record.source_path]} (duplicate)")
+                seen[record.source_path] = path
+                if (record.label != row["label"] or record.class_name != row["class"]
+                        or CLASS_NAMES[record.label] != record.class_name):
+                    problems.append(f"{where}: label {record.label} ({record.class_name}) but the manifest says "
+                                    f"{row['label']} ({row['class']})")
+                if record.patient != row["patient"]:
+                    problems.append(f"{where}: patient {record.patient!r}, manifest {row['patient']!r}")
+                if (record.height, record.width, record.channels) != (height, width, channels) \
+                        or record.image_format != shard_config.encoding:
+                    problems.append(f"{where}: stored as {record.height}x{record.width}x{record.channels} "
+                                    f"{record.image_format}, config says {shard_config.size_dir} {shard_config.encoding}")
+                if record.source_path in wanted:
+                    serialized_samples[record.source_path] = (path, serialized)
+        except (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as error:
+            raise BadInputError(f"shard {path} cannot be read ({error.message.splitlines()[0]}); delete it and "
+                                "rerun the shard stage") from None
+    missing = sorted(set(expected) - set(seen))
+    if missing:
+        problems.append(f"{len(missing)} manifest rows are in no shard, e.g. {', '.join(missing[:3])}")
+
+    pairs = []
+    order = {(split, name): i for i, (split, name) in enumerate(
+        (split, name) for split in pipeline.SPLITS for name in CLASS_NAMES)}
+    for source_path in sorted(serialized_samples, key=lambda p: (order[(expected[p]["split"], expected[p]["class"])], p)):
+        shard_path, serialized = serialized_samples[source_path]
+        row = expected[source_path]
+        decoded = pipeline.decode_record(tf.constant(serialized), height, width, channels)
+        source_bytes = storage.read_bytes(storage.join(data_root, source_path))
+        resized, original_height, original_width = imaging.load_resized(source_bytes, height, width, channels)
+        source = imaging.to_float(resized).numpy()
+        stored = decoded["image"].numpy()
+        psnr = imaging.psnr_db(source * 255.0, stored * 255.0)
+        stored_label = int(np.argmax(decoded["label"].numpy()))
+        pairs.append(Pair(row["split"], row["class"], source_path, shard_path, source, stored,
+                          CLASS_NAMES[stored_label], psnr))
+        where = f"shard {shard_path}, source {source_path}"
+        record = tfrecords.decode_example(serialized)
+        if (record.original_height, record.original_width) != (int(original_height), int(original_width)):
+            problems.append(f"{where}: original size {record.original_height}x{record.original_width} recorded, "
+                            f"source is {int(original_height)}x{int(original_width)}")
+        if shard_config.encoding == "png":
+            if not np.array_equal(source, stored):
+                problems.append(f"{where}: pixels differ from the resized source (PSNR {psnr:.1f} dB; PNG is "
+                                "lossless, so the shard or the source changed)")
+        elif psnr < shard_config.roundtrip_min_psnr_db:
+            problems.append(f"{where}: PSNR {psnr:.1f} dB below shard.roundtrip_min_psnr_db "
+                            f"{shard_config.roundtrip_min_psnr_db}")
+
+    write_plot(storage.join(processed_dir, PLOT_NAME), pairs)
+    if problems:
+        shown = "; ".join(problems[:_MAX_PROBLEMS_SHOWN])
+        more = f" (and {len(problems) - _MAX_PROBLEMS_SHOWN} more)" if len(problems) > _MAX_PROBLEMS_SHOWN else ""
+        raise BadInputError(f"round-trip check failed: {shown}{more}; see {storage.join(processed_dir, PLOT_NAME)}. "
+                            "Rerun the shard stage; if it fails again, check the split manifest and interim/")
+    finite = [pair.psnr_db for pair in pairs if math.isfinite(pair.psnr_db)]
+    summary = {"num_records_checked": len(seen), "num_images_compared": len(pairs),
+               "min_psnr_db": round(min(finite), 2) if finite else None, "plot": PLOT_NAME}
+    log.info("round-trip check passed", **summary)
+    return summary
+
+
+def write_plot(path: str, pairs: list[Pair]) -> None:
+    """Source / shard pairs side by side, titled with their class names, three pairs per row."""
+    # The figure API with an Agg canvas needs no pyplot, so no global backend is switched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    pairs = pairs[:_MAX_PAIRS_DRAWN]
+    per_row = 3
+    num_rows = max(1, math.ceil(len(pairs) / per_row))
+    figure = Figure(figsize=(per_row * 4.4, num_rows * 2.5))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(num_rows, per_row * 2, squeeze=False)
+    for axis in axes.flat:
+        axis.set_axis_off()
+    for index, pair in enumerate(pairs):
+        row, column = divmod(index, per_row)
+        for offset, (image, title) in enumerate((
+                (pair.source, f"{pair.split}: {pair.class_name}\nsource"),
+                (pair.stored, f"{pair.stored_class_name}\nshard ({_psnr_text(pair.psnr_db)})"))):
+            axis = axes[row, column * 2 + offset]
+            shown = image[..., 0] if image.shape[-1] == 1 else image
+            axis.imshow(shown, cmap="gray", vmin=0.0, vmax=1.0)
+            axis.set_title(title, fontsize=8, color="black" if pair.class_name == pair.stored_class_name else "red")
+    figure.suptitle("round trip: source after resize (left) vs shard read by the input pipeline (right)",
+                    fontsize=10)
+    figure.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.5 / (num_rows * 2.5)))  # room for the title
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80)
+    storage.write_bytes(path, buffer.getvalue())
+
+
+def _psnr_text(value: float) -> str:
+    return "identical" if math.isinf(value) else f"{value:.1f} dB"

@@ -1,0 +1,174 @@
+"""The split manifest: patient ids, a deterministic split stratified by class and grouped by patient, counts.
+
+Why an own assignment rather than scikit-learn's StratifiedGroupKFold: folds only cut 1/k fractions
+(0.15 is not 1/k), and the pooled mode needs three parts of unequal sizes in one pass. A greedy pass
+(largest patients first, each to the part whose per-class quota is least filled) reaches any
+fractions, keeps every patient whole (including personN ids with both bacteria and virus images),
+and is deterministic from the seed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.utils.class_weight import compute_class_weight
+
+from pneumonia.config import CLASS_NAMES, SplitConfig
+from pneumonia.errors import BadInputError
+
+SPLITS = ("train", "val", "test", "unused")
+MANIFEST_VERSION = 1
+
+_PERSON = re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+", re.IGNORECASE)
+# IM-0115-0001, NORMAL2-IM-0927-0001, NORMAL2-IM-1427-0001-0002: the patient is the part before the view numbers.
+_NORMAL = re.compile(r"^((?:NORMAL\d*-)?IM-\d+)(?:-\d+)+$", re.IGNORECASE)
+
+
+def patient_id(base_name: str) -> str | None:
+    """The patient a file name belongs to, or None when the name follows neither known pattern."""
+    stem = base_name.rsplit(".", 1)[0] if "." in base_name else base_name
+    match = _PERSON.match(stem) or _NORMAL.match(stem)
+    return match.group(1) if match else None
+
+
+def assign_groups(group_counts: Mapping[str, Sequence[int]], fractions: Mapping[str, float],
+                  seed: int) -> dict[str, str]:
+    """Maps each group (patient) to a part so that every part holds about its fraction of each class.
+
+    `group_counts[g][c]` is how many images of class c group g has. Deterministic for a given seed:
+    groups are shuffled by the seed, then placed largest first (stable), each into the part with the
+    largest remaining per-class quota, measured relative to the quota so small parts fill in step.
+    """
+    parts = [part for part, fraction in fractions.items() if fraction > 0]
+    if not parts:
+        raise ValueError("at least one fraction must be positive")
+    groups = sorted(group_counts)
+    counts = np.array([group_counts[g] for g in groups], dtype=np.float64).reshape(len(groups), -1)
+    totals = counts.sum(axis=0)
+    quota = np.array([[fractions[p] * t for t in totals] for p in parts])
+    filled = np.zeros_like(quota)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(groups))
+    order = sorted(order, key=lambda i: -counts[i].sum())  # stable: ties keep the seeded order
+    assignment: dict[str, str] = {}
+    for index in order:
+        row = counts[index]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # Relative room left per class after adding this group; classes it lacks do not count.
+            room = np.where(quota > 0, (quota - filled - row / 2) / quota, -1.0)
+        scores = (room * row).sum(axis=1) / max(row.sum(), 1.0)
+        best = int(np.argmax(scores))  # ties go to the first part listed (train)
+        filled[best] += row
+        assignment[groups[index]] = parts[best]
+    return assignment
+
+
+def split_rows(rows: list[dict[str, Any]], config: SplitConfig) -> dict[str, Any]:
+    """Fills each row's `split` and returns the stats: {num_overlap_unused}.
+
+    Rows need `class`, `patient` and `origin_split`. In official mode the archive's test/ is the test
+    set; train/ + val/ images of a patient who is also in test/ become `unused` so that no patient
+    spans two splits while the published test set stays as published.
+    """
+    index = {name: i for i, name in enumerate(CLASS_NAMES)}
+
+    def counts_by_patient(subset: list[dict[str, Any]]) -> dict[str, list[int]]:
+        table: dict[str, list[int]] = {}
+        for row in subset:
+            table.setdefault(row["patient"], [0] * len(CLASS_NAMES))[index[row["class"]]] += 1
+        return table
+
+    num_overlap = 0
+    if config.mode == "official":
+        test_patients = {row["patient"] for row in rows if row["origin_split"] == "test"}
+        pool = []
+        for row in rows:
+            if row["origin_split"] == "test":
+                row["split"] = "test"
+            elif row["patient"] in test_patients:
+                row["split"] = "unused"
+                num_overlap += 1
+            else:
+                pool.append(row)
+        fractions = {"train": 1.0 - config.val_fraction, "val": config.val_fraction}
+    else:
+        pool = list(rows)
+        fractions = {"train": 1.0 - config.val_fraction - config.test_fraction, "val": config.val_fraction,
+                     "test": config.test_fraction}
+    if pool:
+        assignment = assign_groups(counts_by_patient(pool), fractions, config.seed)
+        for row in pool:
+            row["split"] = assignment[row["patient"]]
+    # Small subsets for quick experiments: keep a stratified share of patients, the rest is unused.
+    for split, fraction, salt in (("train", config.small_train_fraction, 1), ("val", config.small_val_fraction, 2)):
+        if fraction >= 1.0:
+            continue
+        members = [row for row in rows if row["split"] == split]
+        if not members:
+            continue
+        keep = assign_groups(counts_by_patient(members), {"keep": fraction, "unused": 1.0 - fraction},
+                             config.seed + salt)
+        for row in members:
+            if keep[row["patient"]] == "unused":
+                row["split"] = "unused"
+    return {"num_overlap_unused": num_overlap}
+
+
+def count_table(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    table = {split: {name: 0 for name in CLASS_NAMES} for split in SPLITS}
+    for row in rows:
+        table[row["split"]][row["class"]] += 1
+    return table
+
+
+def class_weights(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Balanced weights (scikit-learn) on the train rows, for the trainer's class_weight."""
+    labels = np.array([row["label"] for row in rows if row["split"] == "train"])
+    missing = [name for i, name in enumerate(CLASS_NAMES) if not np.any(labels == i)]
+    if missing:
+        raise BadInputError(f"no training images of class {', '.join(missing)} after the split; the archive "
+                            "needs more images of it (or lower split.val_fraction / raise small_train_fraction)")
+    weights = compute_class_weight("balanced", classes=np.arange(len(CLASS_NAMES)), y=labels)
+    return {name: round(float(weight), 6) for name, weight in zip(CLASS_NAMES, weights, strict=True)}
+
+
+def imbalance_ratio(counts: Mapping[str, Mapping[str, int]]) -> float:
+    train = [counts["train"][name] for name in CLASS_NAMES]
+    return round(max(train) / max(min(train), 1), 4)
+
+
+def format_table(counts: Mapping[str, Mapping[str, int]]) -> str:
+    """Counts per split and class as an aligned text table, for people reading the job's output."""
+    header = ["split", *CLASS_NAMES, "total"]
+    lines = [header]
+    for split in SPLITS:
+        values = [counts[split][name] for name in CLASS_NAMES]
+        lines.append([split, *map(str, values), str(sum(values))])
+    totals = [sum(counts[split][name] for split in SPLITS) for name in CLASS_NAMES]
+    lines.append(["all", *map(str, totals), str(sum(totals))])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    rendered = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                          for i, (cell, w) in enumerate(zip(line, widths, strict=True)))
+                for line in lines]
+    rendered.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(rendered)
+
+
+def build_manifest(rows: list[dict[str, Any]], config: SplitConfig) -> dict[str, Any]:
+    """The split manifest (docs/contracts.md): rows sorted by path, counts, class weights, imbalance."""
+    counts = count_table(rows)
+    return {
+        "version": MANIFEST_VERSION,
+        "mode": config.mode,
+        "seed": config.seed,
+        "fractions": {"val": config.val_fraction, "test": config.test_fraction,
+                      "small_train": config.small_train_fraction, "small_val": config.small_val_fraction},
+        "class_names": list(CLASS_NAMES),
+        "counts": counts,
+        "class_weights": class_weights(rows),
+        "imbalance_ratio": imbalance_ratio(counts),
+        "rows": sorted(rows, key=lambda row: row["path"]),
+    }

@@ -1,0 +1,158 @@
+"""The preprocess stage on the demo archive: outputs, manifest contract, marker, idempotence, modes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from data_helpers import config_for, make_demo_archive
+
+from pneumonia.config import CLASS_NAMES, load_config
+from pneumonia.data.preprocess import run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo_archive(tmp_path_factory) -> Path:
+    return make_demo_archive(tmp_path_factory.mktemp("archive"), num_images=60, seed=0)
+
+
+def _manifest(root: Path) -> dict:
+    return json.loads((root / "splits" / "split.json").read_text())
+
+
+def test_run_writes_interim_manifest_and_marker(tmp_path, demo_archive, capsys):
+    root = tmp_path / "data"
+    config = config_for(root, demo_archive)
+    marker = run(config)
+
+    manifest = _manifest(root)
+    assert manifest["version"] == 1 and manifest["mode"] == "official" and manifest["seed"] == 42
+    assert manifest["class_names"] == list(CLASS_NAMES)
+    assert set(manifest["fractions"]) == {"val", "test", "small_train", "small_val"}
+    rows = manifest["rows"]
+    assert len(rows) == 60  # the nested duplicates and the clutter are gone
+    assert [row["path"] for row in rows] == sorted(row["path"] for row in rows)
+    assert {row["split"] for row in rows} <= {"train", "val", "test"}
+    for row in rows:
+        data = (root / row["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row["sha256"]
+        assert row["label"] == CLASS_NAMES.index(row["class"])
+        assert row["path"] == f"interim/{row['class']}/{row['origin_split']}__{row['path'].split('__', 1)[1]}"
+        assert (row["split"] == "test") == (row["origin_split"] == "test")
+    assert len({row["sha256"] for row in rows}) == len(rows)
+    splits_of = {}
+    for row in rows:
+        splits_of.setdefault(row["patient"], set()).add(row["split"])
+    assert all(len(splits) == 1 for splits in splits_of.values())
+    on_disk = {str(p.relative_to(root)) for p in (root / "interim").rglob("*.jpeg")}
+    assert on_disk == {row["path"] for row in rows}
+    counts = manifest["counts"]
+    assert sum(counts["train"].values()) + sum(counts["val"].values()) + sum(counts["test"].values()) == 60
+    assert all(counts["train"][c] > 0 for c in CLASS_NAMES)
+    assert set(manifest["class_weights"]) == set(CLASS_NAMES)
+
+    on_disk_marker = json.loads((root / "interim" / "_SUCCESS.json").read_text())
+    assert on_disk_marker == marker
+    assert marker["archive_sha256"] == hashlib.sha256(demo_archive.read_bytes()).hexdigest()
+    assert marker["num_duplicates"] > 0 and marker["num_clutter"] > 0 and marker["dropped"] == []
+    assert marker["counts"] == counts
+    assert load_config(root / "interim" / "config.yaml") == config
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []  # staging folder gone
+
+    printed = capsys.readouterr().out
+    assert "normal" in printed and "bacteria" in printed and "virus" in printed
+    assert str(sum(counts["train"].values())) in printed
+
+
+def test_rerun_with_same_input_does_nothing_and_changed_config_redoes(tmp_path, demo_archive):
+    root = tmp_path / "data"
+    run(config_for(root, demo_archive))
+    marker_path = root / "interim" / "_SUCCESS.json"
+    stamp = marker_path.stat().st_mtime_ns
+    planted = root / "interim" / "normal" / "planted.txt"
+    planted.write_text("left alone when already done")
+
+    run(config_for(root, demo_archive, "train.epochs=2"))  # a key preprocess ignores
+    assert marker_path.stat().st_mtime_ns == stamp
+    assert planted.exists()
+
+    marker = run(config_for(root, demo_archive, "split.seed=7"))
+    assert not planted.exists()  # redone from a clean interim/, never mixed
+    assert marker["config"]["split"]["seed"] == 7
+    assert _manifest(root)["seed"] == 7
+
+
+def test_incomplete_previous_run_is_cleaned(tmp_path, demo_archive):
+    root = tmp_path / "data"
+    (root / "interim" / "virus").mkdir(parents=True)
+    (root / "interim" / "virus" / "half-written.jpeg").write_bytes(b"\xff\xd8")
+    (root / ".preprocess-tmp-deadbeef" / "interim").mkdir(parents=True)
+    run(config_for(root, demo_archive))
+    assert not (root / "interim" / "virus" / "half-written.jpeg").exists()
+    assert not (root / ".preprocess-tmp-deadbeef").exists()
+    assert (root / "interim" / "_SUCCESS.json").exists()
+
+
+def test_pooled_mode_with_small_subsets(tmp_path):
+    archive = make_demo_archive(tmp_path, num_images=150, seed=1)
+    root = tmp_path / "data"
+    run(config_for(root, archive, "split.mode=pooled", "split.val_fraction=0.15", "split.test_fraction=0.2",
+                   "split.small_train_fraction=0.5"))
+    manifest = _manifest(root)
+    counts = manifest["counts"]
+    assert manifest["mode"] == "pooled"
+    assert sum(counts["unused"].values()) > 0
+    test_origins = {row["origin_split"] for row in manifest["rows"] if row["split"] == "test"}
+    assert "train" in test_origins  # pooled: test comes from everywhere
+    num_test = sum(counts["test"].values())
+    assert num_test / 150 == pytest.approx(0.2, abs=0.06)
+    patients = {}
+    for row in manifest["rows"]:
+        patients.setdefault(row["patient"], set()).add(row["split"])
+    assert all(len(splits) == 1 for splits in patients.values())
+
+
+def test_archive_found_under_raw_when_not_set(tmp_path):
+    make_demo_archive(tmp_path, num_images=30, seed=2)  # writes tmp_path/raw/demo-chest-xray.zip
+    marker = run(config_for(tmp_path, ""))
+    assert marker["archive"].endswith("raw/demo-chest-xray.zip")
+
+
+def test_entrypoint_runs_the_demo_config(tmp_path, demo_archive):
+    root = tmp_path / "data"
+    command = [sys.executable, str(REPO / "jobs" / "preprocess.py"), "--config", str(REPO / "jobs/configs/demo.yaml"),
+               "--set", f"data.root={root}", "--set", f"data.archive={demo_archive}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "LOG_FORMAT": "json"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "preprocess done" in done.stderr
+    assert "split" in done.stdout and "total" in done.stdout
+    assert _manifest(root)["fractions"]["val"] == 0.15
+
+
+@pytest.mark.gcs
+def test_run_on_gcs_root(tmp_path, gcs_root):
+    """data.root on gs://: the archive is read through GFile, outputs and the marker land in the bucket."""
+    from pneumonia import storage
+
+    archive = make_demo_archive(tmp_path, num_images=30, seed=4)
+    assert storage.upload_file(str(archive), f"{gcs_root}/raw/demo-chest-xray.zip")
+    config = config_for(gcs_root, "")  # found under raw/, as the cluster config does
+    marker = run(config)
+
+    assert storage.read_json(f"{gcs_root}/interim/_SUCCESS.json") == marker
+    assert marker["archive_sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
+    manifest = storage.read_json(f"{gcs_root}/splits/split.json")
+    assert len(manifest["rows"]) == 30
+    row = manifest["rows"][0]
+    assert hashlib.sha256(storage.read_bytes(f"{gcs_root}/{row['path']}")).hexdigest() == row["sha256"]
+    assert sorted(storage.listdir(f"{gcs_root}/interim")) == ["_SUCCESS.json", "bacteria", "config.yaml",
+                                                               "normal", "virus"]
+    assert run(config) == marker  # already done: nothing rewritten
