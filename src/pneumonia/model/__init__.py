@@ -1,0 +1,1 @@
+"""The networks (`zoo`) and the metrics they are compiled with (`metrics`)."""

@@ -1,0 +1,99 @@
+"""Class probabilities for images with a trained run, one JSON line per image on stdout.
+
+    python -m pneumonia.predict RUN_DIR IMAGE_OR_FOLDER [--batch-size N]
+
+RUN_DIR is `runs/<run_id>` (local or gs://): its config.yaml says the model and the shard image
+size, checkpoints/best.weights.h5 holds the weights. A folder is searched recursively for
+.jpeg/.jpg/.png/.bmp/.gif files (hidden files such as macOS `._*` forks skipped), in sorted order.
+Each image is decoded and resized exactly as the shard stage does (`imaging.load_resized`: aspect
+ratio kept, padded), so the model sees what it saw in training. Output lines:
+
+    {"path": "...", "probabilities": {"normal": 0.1, "bacteria": 0.8, "virus": 0.1}, "class": "bacteria"}
+
+Logs go to stderr. Exit 2 for a missing run, image or folder, or an image that cannot be decoded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from pneumonia import storage
+from pneumonia.config import CLASS_NAMES
+from pneumonia.data import imaging
+from pneumonia.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, BadInputError
+from pneumonia.logs import configure_logging, get_logger
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".gif")
+
+
+def find_images(path: str) -> list[str]:
+    """`path` itself if it is a file, else every image file under the folder, sorted."""
+    if not storage.exists(path):
+        raise BadInputError(f"{path} does not exist; pass an image file or a folder of images")
+    if not tf.io.gfile.isdir(path):
+        return [path]
+    found = []
+    for folder, _, names in tf.io.gfile.walk(path):
+        found += [storage.join(folder, name) for name in names
+                  if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")]
+    if not found:
+        raise BadInputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {path}")
+    return sorted(found)
+
+
+def load_image(path: str, height: int, width: int, channels: int) -> np.ndarray:
+    """One file -> float32 [height, width, channels] in [0, 1], as the shard stage and the pipeline make it."""
+    try:
+        resized, _, _ = imaging.load_resized(tf.constant(storage.read_bytes(path)), height, width, channels)
+    except (tf.errors.InvalidArgumentError, ValueError) as error:
+        raise BadInputError(f"{path} is not a decodable image: {error}") from None
+    return imaging.to_float(resized).numpy()
+
+
+def predict(run_dir: str, paths: Sequence[str], batch_size: int = 32) -> Iterator[dict]:
+    """Yields {"path", "probabilities", "class"} per image, in the order of `paths`."""
+    from pneumonia.training.evaluate import load_trained_model  # pulls in tf_keras; only when predicting
+
+    model, run_config = load_trained_model(run_dir)
+    shard = run_config.shard
+    infer = tf.function(lambda images: model(images, training=False))
+    for start in range(0, len(paths), batch_size):
+        chunk = list(paths[start:start + batch_size])
+        images = np.stack([load_image(p, shard.image_height, shard.image_width, shard.channels) for p in chunk])
+        for path, row in zip(chunk, infer(tf.constant(images)).numpy(), strict=True):
+            probabilities = {name: float(value) for name, value in zip(CLASS_NAMES, row, strict=True)}
+            yield {"path": path, "probabilities": probabilities, "class": CLASS_NAMES[int(np.argmax(row))]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pneumonia.predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="runs/<run_id> (local folder or gs://)")
+    parser.add_argument("images", metavar="IMAGE_OR_FOLDER", help="an image file or a folder searched recursively")
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args(argv)
+    configure_logging("predict", run_id=args.run_dir.rstrip("/").rpartition("/")[2] or "-")
+    log = get_logger(__name__)
+    try:
+        if args.batch_size < 1:
+            raise BadInputError(f"--batch-size {args.batch_size} must be >= 1")
+        paths = find_images(args.images)
+        log.info("predicting", run_dir=args.run_dir, num_images=len(paths))
+        for row in predict(args.run_dir, paths, args.batch_size):
+            print(json.dumps(row), flush=True)
+    except BadInputError as error:
+        log.error("bad input", error=str(error), exit_code=EXIT_BAD_INPUT)
+        return EXIT_BAD_INPUT
+    except Exception:  # noqa: BLE001 - log unexpected failures whole
+        log.exception("predict failed", exit_code=EXIT_FAILURE)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

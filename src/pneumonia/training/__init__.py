@@ -1,0 +1,1 @@
+"""Training (fit, cluster strategy), evaluation and its report."""

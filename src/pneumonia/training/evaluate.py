@@ -1,0 +1,188 @@
+"""The evaluate stage: a finished training run's best checkpoint on the test shards -> report/.
+
+Reads `runs/<run_id>/config.yaml` (the run's resolved config: model and shard size) and
+`runs/<run_id>/checkpoints/best.weights.h5` (tf_keras HDF5 weights of `zoo.build_model`), so it
+needs neither a Keras-serialized model nor custom-object registration, and works the same for a
+local folder and gs://. Writes report/{metrics.json, predictions.jsonl, report.md,
+confusion_matrix.png, training_curves.png, roc.png, config.yaml}, then report/_SUCCESS.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+import yaml
+
+from pneumonia import storage
+from pneumonia.config import CLASS_NAMES, PipelineConfig, from_dict
+from pneumonia.data import pipeline
+from pneumonia.errors import BadInputError, ConfigError
+from pneumonia.layout import CONFIG_NAME, Layout
+from pneumonia.logs import get_logger
+from pneumonia.model import zoo
+from pneumonia.training import report
+
+log = get_logger(__name__)
+
+BEST_WEIGHTS_NAME = "best.weights.h5"
+# Bump when the report's content changes, so a finished report from older code is redone.
+REPORT_VERSION = 1
+
+
+def checkpoint_path(run_dir: str) -> str:
+    """Where training (chief only) keeps the best-val_cohen_kappa weights of a run."""
+    return storage.join(run_dir, "checkpoints", BEST_WEIGHTS_NAME)
+
+
+def load_run_config(run_dir: str) -> PipelineConfig:
+    """The resolved config saved in a run dir (local or gs://); BadInputError naming the file."""
+    path = storage.join(run_dir, CONFIG_NAME)
+    if not storage.exists(path):
+        raise BadInputError(f"{path} is missing: {run_dir} is not a training run dir (runs/<run_id>)")
+    try:
+        tree = yaml.safe_load(storage.read_text(path)) or {}
+    except yaml.YAMLError as error:
+        raise BadInputError(f"run config {path} is not valid YAML: {error}") from None
+    if not isinstance(tree, dict):
+        raise BadInputError(f"run config {path} must hold a mapping of sections")
+    try:
+        return from_dict(tree).validate()
+    except ConfigError as error:
+        raise ConfigError(f"run config {path}: {error}") from None
+
+
+def load_trained_model(run_dir: str) -> tuple[keras.Model, PipelineConfig]:
+    """Rebuilds a run's model from its config and loads its best checkpoint; float32, for inference.
+
+    The backbone is built with weights none (the checkpoint holds every weight), so this works
+    offline even for a run that started from ImageNet.
+    """
+    run_config = load_run_config(run_dir)
+    weights_path = checkpoint_path(run_dir)
+    if not storage.exists(weights_path):
+        raise BadInputError(f"{weights_path} is missing: the run has no best checkpoint (did training finish?)")
+    # Inference in float32: exact, and the test set is small enough that speed does not matter.
+    keras.mixed_precision.set_global_policy("float32")
+    shard = run_config.shard
+    model = zoo.build_model(dataclasses.replace(run_config.model, weights="none"),
+                            (shard.image_height, shard.image_width, shard.channels), len(CLASS_NAMES))
+    try:
+        zoo.load_weights(model, weights_path)
+    except (ValueError, OSError) as error:
+        raise BadInputError(f"{weights_path} does not fit the model in {storage.join(run_dir, CONFIG_NAME)} "
+                            f"({run_config.model.name}): {error}") from None
+    return model, run_config
+
+
+def predict_dataset(model: keras.Model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(true class indices [N], probabilities [N, K], source paths) over a (image, label, metadata) dataset."""
+    infer = tf.function(lambda images: model(images, training=False))
+    labels, probabilities, paths = [], [], []
+    for images, one_hot, metadata in dataset:
+        probabilities.append(infer(images).numpy())
+        labels.append(np.argmax(one_hot.numpy(), axis=1))
+        paths += [path.decode("utf-8") for path in metadata["source_path"].numpy()]
+    if not labels:
+        return np.zeros(0, np.int64), np.zeros((0, len(CLASS_NAMES)), np.float32), []
+    return np.concatenate(labels), np.concatenate(probabilities), paths
+
+
+def run(config: PipelineConfig) -> dict[str, Any]:
+    """The stage body (jobs/evaluate.py); returns metrics.json's content.
+
+    `train.run_id` names the run to evaluate (the cluster manifests set the same id for the train
+    and evaluate Jobs). Same checkpoint, test shards and report version as an existing report:
+    skipped; otherwise redone.
+    """
+    layout = Layout.of(config)
+    run_id = config.train.run_id
+    run_dir = layout.run(run_id)
+    storage.wait_for(layout.run_marker(run_id), config.cluster.upstream_wait_timeout_s,
+                     what=f"the train stage's marker for run {run_id} (set train.run_id to a finished run)")
+    model, run_config = load_trained_model(run_dir)
+    size_dir = run_config.shard.size_dir
+    processed_dir = layout.processed(size_dir)
+    marker = pipeline.verify_shards(processed_dir, ("test",))
+    test_shards = pipeline.shard_paths(processed_dir, "test", marker)
+    weights_path = checkpoint_path(run_dir)
+    fingerprint = _fingerprint(weights_path, marker)
+    report_dir = layout.report(run_id)
+    report_marker = layout.report_marker(run_id)
+    if storage.exists(report_marker):
+        done = storage.read_json(report_marker)
+        if done.get("fingerprint") == fingerprint:
+            log.info("already done", marker=report_marker)
+            return storage.read_json(storage.join(report_dir, "metrics.json"))
+        log.warning("report is from another checkpoint or test set; redoing", marker=report_marker)
+    storage.remove(report_marker)  # never leave a marker beside files being rewritten
+
+    dataset = pipeline.make_dataset(processed_dir, "test", run_config.train.per_replica_batch_size, training=False,
+                                    config=run_config, with_metadata=True)
+    labels, probabilities, paths = predict_dataset(model, dataset)
+    expected = pipeline.num_records(marker, "test")
+    if len(labels) != expected:
+        raise BadInputError(f"read {len(labels)} test images from {processed_dir}, its marker lists {expected}")
+    metrics = {"run_id": run_id, **report.compute_metrics(labels, probabilities, CLASS_NAMES),
+               "checkpoint": weights_path, "test_shards": test_shards}
+
+    history = _read_history(layout.history(run_id))
+    source = f"{processed_dir}/test-* ({len(test_shards)} shards)"
+    storage.write_json(storage.join(report_dir, "metrics.json"), metrics)
+    storage.write_text(storage.join(report_dir, "predictions.jsonl"), _predictions_jsonl(labels, probabilities, paths))
+    markdown = report.render_markdown(metrics, run_id=run_id, source=source, checkpoint=weights_path,
+                                      history_summary=report.history_summary(history))
+    storage.write_text(storage.join(report_dir, "report.md"), markdown)
+    storage.write_bytes(storage.join(report_dir, "confusion_matrix.png"),
+                        report.plot_confusion_matrix(metrics["confusion_matrix"], CLASS_NAMES))
+    storage.write_bytes(storage.join(report_dir, "training_curves.png"), report.plot_training_curves(history))
+    storage.write_bytes(storage.join(report_dir, "roc.png"), report.plot_roc(labels, probabilities, CLASS_NAMES))
+    # The config that produced this report: this stage's, with the model and shard size it evaluated.
+    resolved = config.replace(model=run_config.model, shard=run_config.shard)
+    storage.write_text(storage.join(report_dir, CONFIG_NAME), resolved.to_yaml())
+    headline = {key: metrics[key] for key in ("num_images", "accuracy", "cohen_kappa", "macro_f1", "auc_macro")}
+    storage.write_json(report_marker, {"version": REPORT_VERSION, "run_id": run_id, "fingerprint": fingerprint,
+                                       **headline})
+    log.info("report written", report=storage.join(report_dir, "report.md"), **headline)
+    print(f"report: {storage.join(report_dir, 'report.md')}  " + "  ".join(
+        f"{key}={_short(value)}" for key, value in headline.items()), flush=True)
+    return metrics
+
+
+def _fingerprint(weights_path: str, marker: dict[str, Any]) -> str:
+    test_shards = sorted((shard["name"], shard["sha256"]) for shard in marker["shards"] if shard["split"] == "test")
+    payload = {"version": REPORT_VERSION, "weights_sha256": storage.sha256_file(weights_path),
+               "test_shards": test_shards}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _read_history(path: str) -> Any:
+    # The curves are a nice-to-have: a missing or unreadable history.json costs a plot, not the report.
+    if not storage.exists(path):
+        log.warning("no history.json; the training-curves plot will be empty", path=path)
+        return {}
+    try:
+        return storage.read_json(path)
+    except (ValueError, UnicodeDecodeError) as error:
+        log.warning("history.json is unreadable; the training-curves plot will be empty", path=path, error=str(error))
+        return {}
+
+
+def _predictions_jsonl(labels: np.ndarray, probabilities: np.ndarray, paths: list[str]) -> str:
+    """One line per test image: where it came from, its true and predicted class, the probabilities."""
+    lines = []
+    for path, label, row in zip(paths, labels, probabilities, strict=True):
+        lines.append(json.dumps({
+            "path": path, "true": CLASS_NAMES[int(label)], "predicted": CLASS_NAMES[int(np.argmax(row))],
+            "probabilities": {name: float(value) for name, value in zip(CLASS_NAMES, row, strict=True)},
+        }))
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)

@@ -1,0 +1,231 @@
+"""The evaluate stage and its report: numbers equal scikit-learn on the model's own predictions,
+the FP / FN text, valid plots, the marker, idempotence, and exit 2 for a missing run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
+import yaml
+from data_helpers import config_for, make_demo_archive
+from PIL import Image
+from sklearn.metrics import cohen_kappa_score, confusion_matrix, f1_score, roc_auc_score
+
+from pneumonia import storage
+from pneumonia.config import CLASS_NAMES, PipelineConfig
+from pneumonia.data import imaging, pipeline, preprocess, shard, tfrecords
+from pneumonia.errors import BadInputError, UpstreamMissingError
+from pneumonia.layout import Layout
+from pneumonia.model import zoo
+from pneumonia.training import evaluate, report
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_ID = "test-run"
+HISTORY = {  # as training writes it, with a gap: epoch 0 has no validation numbers
+    "epochs": [{"epoch": 0, "loss": 1.1, "cohen_kappa": 0.1},
+               {"epoch": 1, "loss": 0.9, "cohen_kappa": 0.3, "val_loss": 1.0, "val_cohen_kappa": 0.25},
+               {"epoch": 2, "loss": 0.7, "cohen_kappa": 0.5, "val_loss": 0.95, "val_cohen_kappa": 0.4}],
+    "training_seconds": 12.5,
+}
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    config: PipelineConfig
+    run_dir: str
+    model: object  # the tf_keras model whose weights are the run's best.weights.h5
+
+
+def make_run(root: Path, seed: int = 0) -> TrainedRun:
+    """Demo archive -> preprocess -> shard (the real stages, 32x32x1), then a run dir as training
+    leaves it: config.yaml, checkpoints/best.weights.h5 (a small CNN, random weights), history.json,
+    _SUCCESS.json."""
+    archive = make_demo_archive(root, num_images=60, seed=seed)
+    config = config_for(root / "data", archive, "shard.image_height=32", "shard.image_width=32",
+                        "shard.min_shards_per_split=3", "model.name=small_cnn", "model.weights=none",
+                        "model.trainable=full", "model.input_size=32", "model.dense_units=[16]",
+                        "train.per_replica_batch_size=4", f"train.run_id={RUN_ID}")
+    preprocess.run(config)
+    shard.run(config)
+    layout = Layout.of(config)
+    keras.utils.set_random_seed(seed)
+    model = zoo.build_model(config.model, (32, 32, 1))
+    # A few quick epochs so the predictions spread over the classes (a random net picks one class
+    # for everything, which would make the confusion-matrix checks trivial).
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="categorical_crossentropy")
+    train = pipeline.make_dataset(layout.processed(config.shard.size_dir), "train", 8, training=False, config=config)
+    model.fit(train, epochs=4, verbose=0)
+    zoo.save_weights(model, evaluate.checkpoint_path(layout.run(RUN_ID)))
+    storage.write_text(storage.join(layout.run(RUN_ID), "config.yaml"), config.to_yaml())
+    storage.write_json(layout.history(RUN_ID), HISTORY)
+    storage.write_json(layout.run_marker(RUN_ID), {"run_id": RUN_ID})
+    return TrainedRun(config, layout.run(RUN_ID), model)
+
+
+def read_test_records(config: PipelineConfig) -> list[tfrecords.Record]:
+    """Every record of the test-* files, read straight from disk (not through the pipeline)."""
+    folder = Path(Layout.of(config).processed(config.shard.size_dir))
+    records = []
+    for path in sorted(folder.glob("test-*.tfrecord")):
+        records += [tfrecords.decode_example(raw.numpy()) for raw in tf.data.TFRecordDataset(str(path))]
+    return records
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> TrainedRun:
+    return make_run(tmp_path_factory.mktemp("evaluate"))
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained_run) -> dict:
+    return evaluate.run(trained_run.config)
+
+
+def test_metrics_equal_scikit_learn_on_the_models_own_predictions(trained_run, evaluated):
+    records = read_test_records(trained_run.config)
+    assert evaluated["num_images"] == len(records) > 0
+    images = np.stack([imaging.to_float(imaging.decode_stored(r.image, 32, 32, 1)).numpy() for r in records])
+    labels = np.array([r.label for r in records])
+    probabilities = trained_run.model(images, training=False).numpy()
+    predictions = probabilities.argmax(axis=1)
+
+    # The pipeline's order is its own; compare order-free facts plus per-image rows by path.
+    assert evaluated["confusion_matrix"] == confusion_matrix(labels, predictions, labels=[0, 1, 2]).tolist()
+    assert evaluated["accuracy"] == pytest.approx(np.mean(predictions == labels))
+    assert evaluated["cohen_kappa"] == pytest.approx(cohen_kappa_score(labels, predictions))
+    assert evaluated["macro_f1"] == pytest.approx(f1_score(labels, predictions, average="macro", zero_division=0))
+    for index, name in enumerate(CLASS_NAMES):
+        assert evaluated["per_class"][name]["auc"] == pytest.approx(
+            roc_auc_score(labels == index, probabilities[:, index]), abs=1e-6)
+        assert evaluated["per_class"][name]["support"] == int((labels == index).sum())
+    assert evaluated["class_names"] == list(CLASS_NAMES)
+    on_disk = storage.read_json(str(Path(trained_run.run_dir) / "report" / "metrics.json"))
+    assert on_disk["num_images"] == len(records) and on_disk["accuracy"] == evaluated["accuracy"]
+
+    rows = [json.loads(line) for line in (Path(trained_run.run_dir) / "report" / "predictions.jsonl")
+            .read_text().splitlines()]
+    assert sorted(row["path"] for row in rows) == sorted(r.source_path for r in records)
+    by_path = {r.source_path: p for r, p in zip(records, probabilities, strict=True)}
+    for row in rows:
+        assert list(row["probabilities"].values()) == pytest.approx(list(by_path[row["path"]]), abs=1e-5)
+
+
+def test_report_files_plots_config_and_marker(trained_run, evaluated):
+    folder = Path(trained_run.run_dir) / "report"
+    for name in ("confusion_matrix.png", "training_curves.png", "roc.png"):
+        with Image.open(folder / name) as picture:
+            picture.verify()  # raises for a truncated or invalid PNG
+        with Image.open(folder / name) as picture:
+            assert picture.format == "PNG"
+            assert 300 <= picture.width <= 2000 and 300 <= picture.height <= 2000
+    text = (folder / "report.md").read_text()
+    for row in report.error_breakdown(evaluated["confusion_matrix"], CLASS_NAMES):
+        assert report.error_sentence(row) in text
+    assert f"| accuracy | {evaluated['accuracy']:.4f} |" in text
+    assert "training_seconds: 12.5" in text and "best val_cohen_kappa: 0.4000" in text
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    assert saved["model"]["name"] == "small_cnn" and saved["shard"]["image_height"] == 32
+    marker = storage.read_json(str(folder / "_SUCCESS.json"))
+    assert marker["run_id"] == RUN_ID and marker["num_images"] == evaluated["num_images"]
+    # Marker last: no report file is newer than it.
+    marker_time = (folder / "_SUCCESS.json").stat().st_mtime_ns
+    assert all(path.stat().st_mtime_ns <= marker_time for path in folder.iterdir())
+    assert not [path for path in folder.iterdir() if path.name.startswith(".tmp-")]
+
+
+def test_a_second_run_skips_and_a_new_checkpoint_redoes(trained_run, evaluated):
+    folder = Path(trained_run.run_dir) / "report"
+    before = (folder / "report.md").stat().st_mtime_ns
+    assert evaluate.run(trained_run.config) == evaluated
+    assert (folder / "report.md").stat().st_mtime_ns == before  # skipped: nothing rewritten
+
+    other = zoo.build_model(trained_run.config.model, (32, 32, 1))  # fresh random weights
+    zoo.save_weights(other, evaluate.checkpoint_path(trained_run.run_dir))
+    try:
+        redone = evaluate.run(trained_run.config)
+        assert (folder / "report.md").stat().st_mtime_ns != before
+        assert storage.read_json(str(folder / "_SUCCESS.json"))["fingerprint"] != ""
+        assert redone["checkpoint"] == evaluate.checkpoint_path(trained_run.run_dir)
+    finally:  # later tests in this module expect the original checkpoint
+        zoo.save_weights(trained_run.model, evaluate.checkpoint_path(trained_run.run_dir))
+
+
+def test_a_missing_checkpoint_is_bad_input_naming_it(tmp_path, trained_run):
+    run_dir = tmp_path / "runs" / "no-weights"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(trained_run.config.to_yaml())
+    with pytest.raises(BadInputError, match=str(run_dir / "checkpoints" / "best.weights.h5")):
+        evaluate.load_trained_model(str(run_dir))
+
+
+def test_a_missing_run_waits_then_fails_naming_the_marker(trained_run):
+    config = trained_run.config.replace(train=dataclasses.replace(trained_run.config.train, run_id="never-trained"))
+    with pytest.raises(UpstreamMissingError, match="runs/never-trained/_SUCCESS.json"):
+        evaluate.run(config)
+
+
+def test_jobs_evaluate_exits_2_and_names_the_missing_run(tmp_path):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "", "LOG_FORMAT": "json"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "evaluate.py"), "--set", f"data.root={tmp_path}",
+         "--set", "train.run_id=missing-run"], capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"{tmp_path}/runs/missing-run/_SUCCESS.json" in result.stderr
+
+
+# A fixed matrix (rows true, columns predicted; normal, bacteria, virus) with known answers.
+FIXED = [[50, 4, 1],
+         [2, 80, 6],
+         [3, 9, 20]]
+
+
+def test_error_sentences_name_false_negatives_and_false_positives_per_class():
+    rows = {row["class"]: row for row in report.error_breakdown(FIXED, CLASS_NAMES)}
+    assert report.error_sentence(rows["virus"]) == \
+        "virus: 12 false negatives (9 predicted bacteria, 3 normal); 7 false positives (from bacteria 6, normal 1)"
+    assert report.error_sentence(rows["normal"]) == \
+        "normal: 5 false negatives (4 predicted bacteria, 1 virus); 5 false positives (from virus 3, bacteria 2)"
+    assert report.error_sentence(rows["bacteria"]) == \
+        "bacteria: 8 false negatives (6 predicted virus, 2 normal); 13 false positives (from virus 9, normal 4)"
+    single = report.error_breakdown([[5, 1, 0], [0, 5, 0], [0, 0, 5]], CLASS_NAMES)
+    assert report.error_sentence(single[0]) == "normal: 1 false negative (1 predicted bacteria); 0 false positives"
+    assert report.error_sentence(single[1]) == "bacteria: 0 false negatives; 1 false positive (from normal 1)"
+
+
+def test_markdown_tables_follow_the_matrix():
+    labels = np.repeat([0, 1, 2], [55, 88, 32])
+    predicted = np.concatenate([np.repeat(range(3), FIXED[i]) for i in range(3)])
+    probabilities = np.full((len(labels), 3), 0.1)
+    probabilities[np.arange(len(labels)), predicted] = 0.8
+    metrics = report.compute_metrics(labels, probabilities, CLASS_NAMES)
+    assert metrics["confusion_matrix"] == FIXED
+    assert metrics["per_class"]["virus"]["false_negatives"] == 12
+    assert metrics["per_class"]["virus"]["fpr"] == pytest.approx(7 / (55 + 88))
+    text = report.render_markdown(metrics, run_id="r", source="s", checkpoint="c")
+    assert "| **virus** | 3 | 9 | 20 |" in text
+    assert "| virus | 12 | bacteria 9, normal 3 | 7 | bacteria 6, normal 1 | false negatives |" in text
+    assert "| bacteria | 8 | virus 6, normal 2 | 13 | virus 9, normal 4 | false positives |" in text
+
+
+def test_undefined_auc_and_kappa_are_null_not_nan():
+    labels = np.zeros(4, int)  # only one class in the test set
+    metrics = report.compute_metrics(labels, np.tile([0.7, 0.2, 0.1], (4, 1)), CLASS_NAMES)
+    assert metrics["per_class"]["normal"]["auc"] is None and metrics["auc_macro"] is None
+    assert metrics["cohen_kappa"] is None  # scikit-learn gives NaN here
+    assert metrics["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("history", [{}, {"epochs": []}, {"loss": [1.0, 0.5], "val_cohen_kappa": [0.2]},
+                                     {"epochs": [{"loss": 1.0}, {"epoch": 1}]}, ["not", "a", "mapping"]])
+def test_training_curves_tolerate_missing_keys(history):
+    png = report.plot_training_curves(history)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
