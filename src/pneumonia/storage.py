@@ -158,11 +158,17 @@ def create_if_absent(path: str, data: bytes) -> bool:
         from google.api_core import exceptions as gcs_errors
 
         bucket_name, name = split_gcs(path)
-        blob = gcs_client().bucket(bucket_name).blob(name)
+        bucket = gcs_client().bucket(bucket_name)
+        blob = bucket.blob(name)
+        # The client retries a conditional upload whose response was lost; the retry then meets
+        # our own object and gets 412. A token in the metadata tells "we won earlier" from "lost".
+        token = uuid.uuid4().hex
+        blob.metadata = {"create-if-absent-token": token}
         try:
             blob.upload_from_string(data, if_generation_match=0)
         except gcs_errors.PreconditionFailed:
-            return False
+            existing = bucket.get_blob(name)
+            return existing is not None and (existing.metadata or {}).get("create-if-absent-token") == token
         return True
     parent = os.path.dirname(path)
     if parent:
@@ -197,41 +203,72 @@ def wait_for(path: str, timeout_s: float, what: str, poll_s: float = 10.0) -> No
         time.sleep(min(poll_s, max(0.0, deadline - now)))
 
 
+_clients: dict[tuple[int, str], Any] = {}
+
+
 def gcs_client() -> Any:
-    """A google-cloud-storage client; honours STORAGE_EMULATOR_HOST (tests) and Workload Identity."""
+    """A google-cloud-storage client; honours STORAGE_EMULATOR_HOST (tests) and Workload Identity.
+
+    One per process (and emulator host): a client holds a connection pool and credentials, which
+    must not be shared across fork.
+    """
     from google.cloud import storage as gcs
 
-    if os.environ.get("STORAGE_EMULATOR_HOST"):
-        from google.auth.credentials import AnonymousCredentials
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
+    key = (os.getpid(), emulator)
+    if key not in _clients:
+        if emulator:
+            from google.auth.credentials import AnonymousCredentials
 
-        return gcs.Client(project="test", credentials=AnonymousCredentials())
-    return gcs.Client()
+            _clients[key] = gcs.Client(project="test", credentials=AnonymousCredentials())
+        else:
+            _clients[key] = gcs.Client()
+    return _clients[key]
 
 
 def upload_file(local_path: str, url: str, progress: Callable[[int, int], None] | None = None) -> bool:
     """Uploads a local file to gs:// resumably, verified by CRC32C; skips it if the same object is there.
 
-    Returns True when it uploaded, False when the bucket already held identical bytes.
+    `url` may also be a local path (a local run): then the file is copied atomically, with the
+    same skip rule and progress. `progress(done, total)` ends with done == total when it copies.
+    Returns True when it uploaded, False when the destination already held identical bytes.
     """
-    import google_crc32c
-
-    bucket_name, name = split_gcs(url)
-    blob = gcs_client().bucket(bucket_name).blob(name, chunk_size=_CHUNK)
-    crc = google_crc32c.Checksum()
     total = os.path.getsize(local_path)
-    with open(local_path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            crc.update(chunk)
-    local_crc32c = base64.b64encode(crc.digest()).decode("ascii")
-    existing = blob.bucket.get_blob(name)
+    local_crc32c = _crc32c_b64(local_path)
+    if not is_gcs(url):
+        if os.path.isfile(url) and os.path.getsize(url) == total and _crc32c_b64(url) == local_crc32c:
+            log.info("archive already in place", path=url, bytes=total)
+            return False
+        with atomic_path(url) as temp, open(local_path, "rb") as source, open(temp, "wb") as target:
+            reader = _ProgressReader(source, total, progress)
+            while chunk := reader.read(_CHUNK):
+                target.write(chunk)
+        return True
+    bucket_name, name = split_gcs(url)
+    bucket = gcs_client().bucket(bucket_name)
+    existing = bucket.get_blob(name)
     if existing is not None and existing.size == total and existing.crc32c == local_crc32c:
         log.info("archive already in bucket", url=url, bytes=total)
         return False
+    blob = bucket.blob(name, chunk_size=_CHUNK)
     with open(local_path, "rb") as handle:
         reader = _ProgressReader(handle, total, progress)
         # checksum="crc32c" makes the client verify the server's checksum of the whole object.
         blob.upload_from_file(reader, size=total, checksum="crc32c", rewind=False)
+    if blob.crc32c != local_crc32c:  # belt and braces: the file changed while it was uploading
+        raise OSError(f"uploaded {url} but its CRC32C {blob.crc32c} differs from {local_path}'s {local_crc32c}")
     return True
+
+
+def _crc32c_b64(local_path: str) -> str:
+    """CRC32C of a local file, base64 as GCS reports it."""
+    import google_crc32c
+
+    crc = google_crc32c.Checksum()
+    with open(local_path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            crc.update(chunk)
+    return base64.b64encode(crc.digest()).decode("ascii")
 
 
 class _ProgressReader:

@@ -1,0 +1,85 @@
+"""Shared fixtures: the GCS emulator (session), fresh gs:// roots, and roots on both backends.
+
+When the environment is set matters. TensorFlow builds its GCS file system, and reads its GCS_*
+settings (retries, caches), when `tensorflow` is imported, which happens while test modules are
+collected (pneumonia.storage imports it). So the settings TF reads only once are set here, at
+conftest import, before any test module is imported; they change nothing for tests that never
+touch gs://. What depends on the emulator's ports (HTTPS_PROXY, STORAGE_EMULATOR_HOST,
+CURL_CA_BUNDLE) is read per request, so the `gcs_emulator` fixture sets it when it starts, and
+restores os.environ when the session ends.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Read by TensorFlow once, at import (see the module docstring). setdefault: a developer may
+# still raise them by hand when debugging against a real bucket.
+for _key, _value in {
+    "GCS_RETRY_CONFIG_MAX_RETRIES": "2",  # else a failing gs:// request retries for minutes
+    "NO_GCE_CHECK": "true",  # never probe the GCE metadata server for credentials
+    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test-token",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+from gcs_emulator import GcsEmulator  # noqa: E402 - after the environment above, by design
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulator]:
+    """fake-gcs-server + the TLS-intercepting proxy, on loopback, for the whole session.
+
+    `.env` goes to subprocesses (`env={**os.environ, **gcs_emulator.env}`); `.bucket` exists;
+    `.endpoint` is the emulator's http URL. os.environ holds `.env` until the session ends.
+    """
+    emulator = GcsEmulator(tmp_path_factory.mktemp("gcs-emulator")).start()
+    saved = {key: os.environ.get(key) for key in emulator.env}
+    os.environ.update(emulator.env)
+    try:
+        yield emulator
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        emulator.stop()
+
+
+@pytest.fixture
+def gcs_root(gcs_emulator: GcsEmulator) -> str:
+    """A fresh gs://bucket/prefix per test: tests share the bucket, never their objects."""
+    return f"gs://{gcs_emulator.bucket}/t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(params=["local", pytest.param("gcs", marks=pytest.mark.gcs)])
+def any_root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A storage root on each backend in turn: a local tmp folder, then a gs:// prefix."""
+    if request.param == "local":
+        return str(tmp_path / "root")
+    return request.getfixturevalue("gcs_root")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that reaches the emulator is marked `gcs`, whether or not its author said so,
+    so `-m "not gcs"` reliably runs without it."""
+    for item in items:
+        if "gcs_emulator" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.gcs)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """A stage run in-process configures structlog onto pytest's captured stderr; undo it after the
+    test, or a later test logs into a closed file."""
+    import structlog
+
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+    structlog.contextvars.clear_contextvars()
