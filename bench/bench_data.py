@@ -1,0 +1,234 @@
+"""Data benchmark (issue 3): our shard stage and input pipeline against the notebook's way, in one run.
+
+    .venv/bin/python bench/bench_data.py [--num-images 2000] [--size 256] [--source-scale 4]
+
+Builds the demo archive, runs the preprocess stage on it, then measures on the same images:
+1. shard throughput (images/s) of our stage (PNG and JPEG) vs the notebook's float-tensor TFRecords;
+2. bytes on disk relative to the source JPEGs;
+3. loader throughput from our shards vs image_dataset_from_directory vs in-memory tensors (ceiling).
+Prints a table and writes bench/results/data.json. Numbers, not assertions: the machine may be shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import notebook_baseline
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from pneumonia.config import load_config
+from pneumonia.data import demo, imaging, pipeline, preprocess, shard
+from pneumonia.logs import configure_logging
+
+HERE = Path(__file__).resolve().parent
+# Film grain added after upscaling: ~1 bit/pixel JPEGs, near the real archive (~200 KB for ~2 MP).
+GRAIN_STD = 2.0
+GOALS = {"shard_speedup": 3.0, "shard_bytes_ratio": 1.1, "loader_speedup": 2.0}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-images", type=int, default=2000, help="demo images (default 2000, ~2-3 min on 2 cores)")
+    parser.add_argument("--size", type=int, default=256, help="shard image height = width (default 256)")
+    parser.add_argument("--source-scale", type=float, default=4.0,
+                        help="upscale the demo's 160-400 px images by this (with fresh film grain) so sources "
+                             "are nearer the real archive's 400-2,900 px; 1 keeps them (default 4)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", help="where to build the data (default: a temporary folder, removed after)")
+    parser.add_argument("--out", default=str(HERE / "results" / "data.json"))
+    return parser.parse_args(argv)
+
+
+def build_sources(root: Path, num_images: int, seed: int, scale: float) -> dict:
+    """demo archive -> preprocess stage -> interim/ + splits/split.json; optionally upscaled in place."""
+    archive = demo.make_demo_archive(str(root / "raw" / "demo.zip"), num_images=num_images, seed=seed)
+    started = time.perf_counter()
+    preprocess.run(load_config(None, [f"data.root={root}", f"data.archive={archive}"]))
+    preprocess_s = time.perf_counter() - started
+    manifest_path = root / "splits" / "split.json"
+    manifest = json.loads(manifest_path.read_text())
+    if scale != 1.0:
+        rng = np.random.default_rng(seed)
+        grain = rng.normal(0.0, GRAIN_STD, (4096, 4096)).astype(np.float32)
+
+        def upscale(row: dict) -> None:
+            path = root / row["path"]
+            with Image.open(path) as picture:
+                mode = picture.mode
+                big = picture.convert("L").resize((round(picture.width * scale), round(picture.height * scale)),
+                                                  Image.BILINEAR)
+            pixels = np.asarray(big, np.float32)
+            local = np.random.default_rng(int(hashlib.sha256(row["path"].encode()).hexdigest()[:8], 16))
+            y, x = (int(local.integers(0, 4096 - s)) for s in pixels.shape)
+            pixels = np.clip(pixels + grain[y:y + pixels.shape[0], x:x + pixels.shape[1]], 0, 255).astype(np.uint8)
+            data = demo.encode_jpeg(pixels, rgb=mode == "RGB")
+            path.write_bytes(data)
+            row["sha256"] = hashlib.sha256(data).hexdigest()
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(upscale, manifest["rows"]))
+        manifest_path.write_text(json.dumps(manifest, indent=1))  # keep the manifest's checksums true
+    sizes = [Image.open(root / row["path"]).size for row in manifest["rows"][:200]]
+    return {
+        "num_images": len(manifest["rows"]),
+        "rows": manifest["rows"],
+        "source_bytes": sum((root / row["path"]).stat().st_size for row in manifest["rows"]),
+        "source_px_range": [min(min(s) for s in sizes), max(max(s) for s in sizes)],
+        "preprocess_s": preprocess_s,
+    }
+
+
+def run_shard_stage(root: Path, size: int, encoding: str) -> dict:
+    config = load_config(None, [f"data.root={root}", f"shard.image_height={size}", f"shard.image_width={size}",
+                                f"shard.encoding={encoding}"])
+    started = time.perf_counter()
+    marker = shard.run(config)
+    seconds = time.perf_counter() - started
+    num_images = sum(split["num_records"] for split in marker["splits"].values())
+    return {"num_images": num_images, "seconds": seconds, "images_per_s": num_images / seconds,
+            "bytes": sum(s["bytes"] for s in marker["shards"]), "num_files": len(marker["shards"]),
+            "min_psnr_db": marker["roundtrip"]["min_psnr_db"], "config": config,
+            "processed_dir": str(root / "processed" / config.shard.size_dir)}
+
+
+def loader_throughput(dataset: tf.data.Dataset) -> dict:
+    """Images/s over one pass; the first batch (graph building, file opening) is not timed."""
+    iterator = iter(dataset)
+    next(iterator)
+    images, started = 0, time.perf_counter()
+    for batch in iterator:
+        images += int(tf.shape(batch[0])[0])
+    seconds = time.perf_counter() - started
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds if seconds else float("nan")}
+
+
+def in_memory_dataset(processed_dir: str, batch_size: int, config) -> tf.data.Dataset:  # noqa: ANN001
+    """The same images already decoded in memory: float conversion, batch, prefetch only (the ceiling)."""
+    arrays = [(np.uint8(np.round(x * 255)), y) for x, y in pipeline.make_dataset(
+        processed_dir, "train", 256, training=False, config=config).as_numpy_iterator()]
+    images = np.concatenate([a for a, _ in arrays])
+    labels = np.concatenate([b for _, b in arrays])
+    return (tf.data.Dataset.from_tensor_slices((images, labels))
+            .map(lambda x, y: (imaging.to_float(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+            .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging("bench", run_id="bench-data", json_logs=True, level="WARNING")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-data-"))
+    started = time.perf_counter()
+    try:
+        results = measure(args, workdir)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    results["total_s"] = round(time.perf_counter() - started, 1)
+    print_table(results)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwritten: {args.out}")
+    return 0
+
+
+def measure(args: argparse.Namespace, workdir: Path) -> dict:
+    size, batch = args.size, args.batch_size
+    root = workdir / "ours"
+    print(f"building {args.num_images} demo images (source scale {args.source_scale}) in {workdir} ...", flush=True)
+    sources = build_sources(root, args.num_images, args.seed, args.source_scale)
+    sharded_paths = {row["path"] for row in sources["rows"] if row["split"] in shard.SPLITS}
+    sharded_source_bytes = sum((root / p).stat().st_size for p in sharded_paths)
+
+    print("shard stage (png) ...", flush=True)
+    png = run_shard_stage(root, size, "png")
+    # JPEG in its own root (same interim/ and manifest through links) so both outputs stay.
+    jpeg_root = workdir / "ours-jpeg"
+    jpeg_root.mkdir()
+    for name in ("interim", "splits"):
+        (jpeg_root / name).symlink_to(root / name)
+    print("shard stage (jpeg) ...", flush=True)
+    jpeg = run_shard_stage(jpeg_root, size, "jpeg")
+
+    print("notebook baseline: image_dataset_from_directory -> float tensor TFRecords ...", flush=True)
+    notebook = notebook_baseline.shard_like_notebook(str(root / "interim"), str(workdir / "notebook"), size, size)
+    notebook["images_per_s"] = notebook["num_images"] / notebook["seconds"]
+
+    print("loaders ...", flush=True)
+    config = png["config"]
+    loaders = {
+        "ours_png": loader_throughput(pipeline.make_dataset(png["processed_dir"], "train", batch, training=False,
+                                                            config=config)),
+        "ours_jpeg": loader_throughput(pipeline.make_dataset(jpeg["processed_dir"], "train", batch, training=False,
+                                                             config=jpeg["config"])),
+        "directory": loader_throughput(notebook_baseline.directory_loader(str(root / "interim"), size, size, batch)),
+        "notebook_tfrecord": loader_throughput(notebook_baseline.load_like_notebook(
+            notebook["files"][0], batch)),
+        "in_memory": loader_throughput(in_memory_dataset(png["processed_dir"], batch, config)),
+    }
+    for stats in loaders.values():
+        stats["vs_directory"] = stats["images_per_s"] / loaders["directory"]["images_per_s"]
+
+    def stage(stats: dict, source_bytes: int) -> dict:
+        return {"num_images": stats["num_images"], "seconds": round(stats["seconds"], 2),
+                "images_per_s": round(stats["images_per_s"], 1),
+                "vs_notebook": round(stats["images_per_s"] / notebook["images_per_s"], 2),
+                "bytes": stats["bytes"], "bytes_vs_source": round(stats["bytes"] / source_bytes, 3)}
+
+    return {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
+                    "tensorflow": tf.__version__},
+        "params": {"num_images": args.num_images, "size": size, "source_scale": args.source_scale,
+                   "batch_size": batch, "seed": args.seed},
+        "sources": {"num_images": sources["num_images"], "bytes": sources["source_bytes"],
+                    "mean_kb": round(sources["source_bytes"] / sources["num_images"] / 1024, 1),
+                    "px_range_sample": sources["source_px_range"], "preprocess_s": round(sources["preprocess_s"], 1)},
+        "shard": {
+            "ours_png": {**stage(png, sharded_source_bytes), "num_files": png["num_files"]},
+            "ours_jpeg": {**stage(jpeg, sharded_source_bytes), "num_files": jpeg["num_files"],
+                          "min_psnr_db": jpeg["min_psnr_db"]},
+            "notebook": {**stage(notebook, sources["source_bytes"]), "num_files": len(notebook["files"])},
+        },
+        "loader": {name: {k: round(v, 2) for k, v in stats.items()} for name, stats in loaders.items()},
+        "goals": GOALS,
+    }
+
+
+def print_table(results: dict) -> None:
+    params, sources = results["params"], results["sources"]
+    print(f"\n{sources['num_images']} source JPEGs, {sources['mean_kb']} KB each on average, sides "
+          f"{sources['px_range_sample'][0]}-{sources['px_range_sample'][1]} px (sample); shards at "
+          f"{params['size']}x{params['size']}; {results['machine']['cpus']} CPUs")
+    print("\n1-2. shard stage                 images/s   vs notebook   bytes / source   files")
+    for name, label in (("ours_png", "ours (png, default)"), ("ours_jpeg", "ours (jpeg q95)"),
+                        ("notebook", "notebook (float tensors)")):
+        row = results["shard"][name]
+        print(f"   {label:<28} {row['images_per_s']:>9.1f} {row['vs_notebook']:>12.2f}x {row['bytes_vs_source']:>15.3f}"
+              f" {row['num_files']:>7}")
+    print(f"   (jpeg round-trip min PSNR {results['shard']['ours_jpeg']['min_psnr_db']} dB)")
+    print("\n3. loader (decode + batch)        images/s   vs directory")
+    for name, label in (("ours_png", "our shards (png)"), ("ours_jpeg", "our shards (jpeg)"),
+                        ("directory", "image_dataset_from_directory"),
+                        ("notebook_tfrecord", "notebook float TFRecord (train)"),
+                        ("in_memory", "in-memory tensors (ceiling)")):
+        row = results["loader"][name]
+        print(f"   {label:<31} {row['images_per_s']:>8.1f} {row['vs_directory']:>12.2f}x")
+    goals = results["goals"]
+    print(f"\ngoals: shard >= {goals['shard_speedup']}x notebook, shard bytes <= {goals['shard_bytes_ratio']}x "
+          f"source, loader >= {goals['loader_speedup']}x directory; total {results['total_s']} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
