@@ -1,0 +1,316 @@
+"""The training stage: shards -> runs/<run_id>/ (config, best weights, history, export, marker).
+
+Resumable at every level: a finished run is skipped, an interrupted one continues from its backup
+at the epoch (or step) where it stopped, across the warmup -> fine-tune switch too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import tensorflow as tf
+import tf_keras as keras
+import yaml
+
+from pneumonia import cluster, storage
+from pneumonia.config import CLASS_NAMES, PipelineConfig, TrainConfig
+from pneumonia.data import pipeline
+from pneumonia.errors import EXIT_PREEMPTED, BadInputError, ConfigError
+from pneumonia.layout import CONFIG_NAME, Layout
+from pneumonia.logs import get_logger
+from pneumonia.model import zoo
+from pneumonia.model.metrics import build_metrics
+from pneumonia.training.callbacks import (
+    BestWeights,
+    EpochLimit,
+    HistoryRecorder,
+    PreemptionWatch,
+    ResumableBackup,
+    weights_sha256,
+)
+
+log = get_logger(__name__)
+
+MONITOR = "val_cohen_kappa"
+BEST_WEIGHTS_NAME = "best.weights.h5"
+MODEL_FORMAT = "tf_keras SavedModel (load with tf_keras.models.load_model(path, compile=False))"
+# Keys that steer only this process, not the run: a resume may change them.
+_PROCESS_KEYS = {"train": ("max_epochs_this_process",),
+                 "cluster": ("upstream_wait_timeout_s", "peer_wait_timeout_s")}
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A span of epochs [start_epoch, end_epoch) trained with one backbone setting and learning rate."""
+
+    name: str
+    start_epoch: int
+    end_epoch: int
+    backbone_trainable: bool
+    learning_rate: float
+
+
+def plan_phases(config: PipelineConfig, num_replicas: int = 1) -> list[Phase]:
+    """warmup: head only for train.warmup_epochs, then everything at the fine-tune rate; else one phase."""
+    train = config.train
+    scale = num_replicas if train.scale_learning_rate else 1
+    lr, fine_lr = train.learning_rate * scale, train.fine_tune_learning_rate * scale
+    if config.model.trainable == "frozen":
+        return [Phase("frozen", 0, train.epochs, False, lr)]
+    if config.model.trainable == "full":
+        return [Phase("full", 0, train.epochs, True, lr)]
+    phases = [Phase("warmup", 0, train.warmup_epochs, False, lr),
+              Phase("fine_tune", train.warmup_epochs, train.epochs, True, fine_lr)]
+    return [phase for phase in phases if phase.end_epoch > phase.start_epoch]
+
+
+def resolve_global_batch(train: TrainConfig, num_replicas: int) -> tuple[int, int]:
+    """(global batch, per-replica batch); an explicit global batch must split evenly over the replicas."""
+    if train.global_batch_size:
+        if train.global_batch_size % num_replicas:
+            raise ConfigError(f"config key train.global_batch_size = {train.global_batch_size} is invalid: "
+                              f"expected a multiple of the number of replicas ({num_replicas})")
+        return train.global_batch_size, train.global_batch_size // num_replicas
+    return train.per_replica_batch_size * num_replicas, train.per_replica_batch_size
+
+
+def class_weight_vector(manifest: dict[str, Any]) -> list[float]:
+    """The split manifest's class weights in label order (CLASS_NAMES)."""
+    weights = manifest.get("class_weights") or {}
+    missing = [name for name in CLASS_NAMES if name not in weights]
+    if missing:
+        raise BadInputError(f"the split manifest's class_weights lack {', '.join(missing)}; rerun preprocess "
+                            "(or set train.class_weights=false)")
+    return [float(weights[name]) for name in CLASS_NAMES]
+
+
+class WeightedCategoricalCrossentropy(keras.losses.Loss):
+    """Cross-entropy scaled per example by its class weight: fit's class_weight, done in the loss.
+
+    tf_keras applies `class_weight` by mapping the input dataset, which a distributed dataset does
+    not allow; weighting in the loss works under every strategy and leaves the metrics unweighted.
+    """
+
+    def __init__(self, class_weights: list[float], name: str = "weighted_categorical_crossentropy",
+                 **kwargs: Any) -> None:
+        super().__init__(name=name, **kwargs)
+        self.class_weights = [float(w) for w in class_weights]
+
+    def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        y_pred = tf.cast(y_pred, tf.float32)
+        y_true = tf.cast(y_true, tf.float32)
+        per_example = keras.losses.categorical_crossentropy(y_true, y_pred)
+        return per_example * tf.reduce_sum(y_true * tf.constant(self.class_weights), axis=-1)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "class_weights": self.class_weights}
+
+
+def validation_dataset(processed_dir: str, global_batch: int, config: PipelineConfig) -> tf.data.Dataset:
+    """One pass over val in global batches, which Keras splits over the replicas itself.
+
+    A distributed dataset would need validation_steps, and with files split unevenly between
+    workers no single count is right; Keras's own distribution of a plain dataset runs until
+    every worker is out of data (partial batches included). DATA sharding: each worker keeps every
+    n-th example, so each is evaluated exactly once however the files fall.
+    """
+    dataset = pipeline.make_dataset(processed_dir, "val", global_batch, training=False, config=config)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+def comparable_config(tree: dict[str, Any]) -> dict[str, Any]:
+    """The config without the keys a resume may change (they steer one process, not the run)."""
+    tree = {section: dict(values) for section, values in tree.items()}
+    for section, keys in _PROCESS_KEYS.items():
+        for key in keys:
+            tree.get(section, {}).pop(key, None)
+    return tree
+
+
+def run(config: PipelineConfig) -> dict[str, Any] | None:
+    """Trains `config.train.run_id`; returns the run marker, or None when stopped early on purpose.
+
+    Exits 143 (errors.EXIT_PREEMPTED) after saving the backup when SIGTERM arrives.
+    """
+    # The strategy comes first: collectives must be configured before any TensorFlow op runs.
+    strategy, spec = cluster.make_strategy(config.cluster)
+    layout = Layout.of(config)
+    run_id = config.train.run_id
+    if not run_id:
+        raise ConfigError("config key train.run_id is empty; the entrypoint sets one (pass --set train.run_id=...)")
+    finished = _already_finished(layout, config)
+    if finished is not None:
+        return finished
+    _check_resume_config(layout, config)
+
+    size_dir = config.shard.size_dir
+    processed_dir = layout.processed(size_dir)
+    storage.wait_for(layout.processed_marker(size_dir), config.cluster.upstream_wait_timeout_s, what="the shards")
+    storage.wait_for(layout.split_manifest, config.cluster.upstream_wait_timeout_s, what="the split manifest")
+    marker = pipeline.read_marker(processed_dir)
+    manifest = storage.read_json(layout.split_manifest)
+
+    num_replicas = strategy.num_replicas_in_sync
+    global_batch, per_replica_batch = resolve_global_batch(config.train, num_replicas)
+    steps = pipeline.steps_per_epoch(marker, "train", global_batch)
+    pipeline.num_records(marker, "val")  # fails early (exit 2) when there is nothing to validate on
+    phases = plan_phases(config, num_replicas)
+    image = marker["image"]
+    input_shape = (int(image["height"]), int(image["width"]), int(image["channels"]))
+    weights = class_weight_vector(manifest) if config.train.class_weights else None
+    strategy_name = ("MultiWorkerMirroredStrategy" if spec.is_multi_worker
+                     else "MirroredStrategy" if num_replicas > 1 else "default")
+
+    if spec.is_chief:
+        storage.write_text(storage.join(layout.run(run_id), CONFIG_NAME), config.to_yaml())
+    history_path = layout.history(run_id)
+    previous = storage.read_json(history_path) if storage.exists(history_path) else {}
+    meta = {
+        "run_id": run_id, "strategy": strategy_name, "num_replicas": num_replicas,
+        "num_workers": spec.num_workers, "global_batch_size": global_batch,
+        "per_replica_batch_size": per_replica_batch, "steps_per_epoch": steps, "epochs_planned": config.train.epochs,
+        "phases": [dataclasses.asdict(phase) for phase in phases], "class_weights": weights,
+        "monitor": MONITOR, "input_shape": list(input_shape),
+    }
+    log.info("training plan", **{k: v for k, v in meta.items() if k != "phases"},
+             phases=[f"{p.name}:{p.start_epoch}-{p.end_epoch}@{p.learning_rate:g}" for p in phases],
+             resuming=bool(previous.get("epochs")))
+
+    use_xla = zoo.configure_precision(config.model, has_gpu=cluster.num_gpus() > 0)
+    train_data = pipeline.distributed_dataset(strategy, processed_dir, "train", global_batch, True, config)
+    val_data = validation_dataset(processed_dir, global_batch, config)
+    with strategy.scope():
+        model = zoo.build_model(config.model, input_shape, num_classes=len(CLASS_NAMES))
+
+    watch = PreemptionWatch(strategy, multi_worker=spec.is_multi_worker).install()
+    backups: list[ResumableBackup] = []
+    stopped = lambda: any(backup.cut_short for backup in backups)  # noqa: E731 - an epoch cut short by SIGTERM
+    history = HistoryRecorder(history_path if spec.is_chief else None, meta, previous.get("epochs"),
+                              images_per_step=global_batch, skip=stopped)
+    best = BestWeights(storage.join(layout.checkpoints(run_id), BEST_WEIGHTS_NAME), spec.is_chief,
+                       monitor=MONITOR, initial_best=history.best(MONITOR), skip=stopped)
+    limit = EpochLimit(config.train.max_epochs_this_process)
+    try:
+        for phase in phases:
+            backup = ResumableBackup(storage.join(layout.backup(run_id), phase.name), watch,
+                                     config.train.backup_every_n_steps)
+            backups.append(backup)
+            callbacks: list[keras.callbacks.Callback] = [history, backup, best, limit]
+            if spec.is_chief:
+                callbacks.append(keras.callbacks.TensorBoard(layout.tensorboard(run_id), write_graph=False,
+                                                             profile_batch=0))
+            with strategy.scope():
+                zoo.set_backbone_trainable(model, phase.backbone_trainable)
+                loss = WeightedCategoricalCrossentropy(weights) if weights else keras.losses.CategoricalCrossentropy()
+                model.compile(optimizer=keras.optimizers.Adam(phase.learning_rate), loss=loss,
+                              metrics=build_metrics(len(CLASS_NAMES)), jit_compile=use_xla)
+            log.info("phase", phase=phase.name, epochs=f"{phase.start_epoch}-{phase.end_epoch}",
+                     backbone_trainable=phase.backbone_trainable, learning_rate=phase.learning_rate)
+            # A phase already done restores its backup here and runs no epoch: the next phase then
+            # starts from exactly the weights an uninterrupted run would have had.
+            model.fit(train_data, epochs=phase.end_epoch, initial_epoch=phase.start_epoch, steps_per_epoch=steps,
+                      validation_data=val_data, callbacks=callbacks, verbose=0)
+            if backup.preempted:
+                log.warning("preempted: backup saved, exiting for a restart", exit_code=EXIT_PREEMPTED)
+                raise SystemExit(EXIT_PREEMPTED)
+            done = any(r["epoch"] == config.train.epochs - 1 for r in history.epochs)
+            if limit.reached and not done:
+                log.info("stopping: train.max_epochs_this_process reached; run again to resume",
+                         epochs_run=limit.epochs_run)
+                return None
+        return _finish(model, config, layout, spec, history, best)
+    finally:
+        watch.uninstall()
+        best.close()
+
+
+def _finish(model: keras.Model, config: PipelineConfig, layout: Layout, spec: cluster.ClusterSpec,
+            history: HistoryRecorder, best: BestWeights) -> dict[str, Any]:
+    run_id = config.train.run_id
+    checksum = weights_sha256(model)
+    log.info("training finished", weights_sha256=checksum, is_chief=spec.is_chief, epochs=len(history.epochs))
+    _export(model, layout.model(run_id), spec.is_chief)
+    if not spec.is_chief:
+        return {"weights_sha256": checksum}
+    history.write(complete=True)
+    best_path = best.destination
+    best_epoch = None
+    best_value = history.best(MONITOR)
+    for record in history.epochs:
+        if record.get(MONITOR) == best_value:
+            best_epoch = record["epoch"]  # the first epoch to reach it: later ties do not overwrite the file
+            break
+    done = {
+        "run_id": run_id,
+        "config": config.to_dict(),
+        "final_metrics": history.epochs[-1] if history.epochs else {},
+        "best": {"monitor": MONITOR, "value": best_value, "epoch": best_epoch},
+        "weights_sha256": checksum,
+        "best_weights": best_path,
+        "best_weights_sha256": storage.sha256_file(best_path) if storage.exists(best_path) else None,
+        "model": layout.model(run_id),
+        "model_format": MODEL_FORMAT,
+        "num_workers": spec.num_workers,
+        "num_replicas": history.meta["num_replicas"],
+        "global_batch_size": history.meta["global_batch_size"],
+    }
+    storage.write_json(layout.run_marker(run_id), done)
+    # After the marker: a crash before it must still find the backup and not retrain from zero.
+    storage.remove_tree(layout.backup(run_id))
+    log.info("run written", run_dir=layout.run(run_id), best=done["best"])
+    return done
+
+
+def _export(model: keras.Model, destination: str, is_chief: bool) -> None:
+    """Every worker saves (saving may read synchronized variables); only the chief's copy is kept."""
+    scratch = tempfile.mkdtemp(prefix="pneumonia-export-")
+    try:
+        if is_chief and storage.is_gcs(destination):
+            # GCS has no folder rename; evaluate trusts the export only once the run marker exists.
+            storage.remove_tree(destination)
+            model.save(destination, save_format="tf", include_optimizer=False)
+        elif is_chief:
+            local = os.path.join(scratch, "model")
+            model.save(local, save_format="tf", include_optimizer=False)
+            storage.remove_tree(destination)
+            storage.makedirs(os.path.dirname(destination))
+            shutil.move(local, destination)
+        else:
+            model.save(os.path.join(scratch, "model"), save_format="tf", include_optimizer=False)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if is_chief:
+        log.info("model exported", path=destination, format=MODEL_FORMAT)
+
+
+def _already_finished(layout: Layout, config: PipelineConfig) -> dict[str, Any] | None:
+    marker_path = layout.run_marker(config.train.run_id)
+    if not storage.exists(marker_path):
+        return None
+    done = storage.read_json(marker_path)
+    if comparable_config(done.get("config", {})) != comparable_config(config.to_dict()):
+        raise BadInputError(f"run {config.train.run_id} already finished with a different config "
+                            f"({marker_path}); choose a new train.run_id")
+    log.info("already done: run marker exists with the same config", marker=marker_path)
+    return done
+
+
+def _check_resume_config(layout: Layout, config: PipelineConfig) -> None:
+    """A backup is only valid for the config that wrote it: refuse to mix two configs in one run."""
+    path = storage.join(layout.run(config.train.run_id), CONFIG_NAME)
+    if not storage.exists(path):
+        return
+    previous = yaml.safe_load(storage.read_text(path)) or {}
+    if comparable_config(previous) != comparable_config(config.to_dict()):
+        changed = sorted(f"{section}.{key}" for section, values in comparable_config(config.to_dict()).items()
+                         for key, value in values.items()
+                         if comparable_config(previous).get(section, {}).get(key) != value)
+        raise BadInputError(f"run {config.train.run_id} was started with a different config (changed: "
+                            f"{', '.join(changed)}); resume with the same config or choose a new train.run_id")

@@ -1,0 +1,43 @@
+"""The whole pipeline as the containers run it: preprocess -> shard -> train -> evaluate, via jobs/.
+
+The synthetic archive (pneumonia.data.demo) and jobs/configs/demo.yaml; each stage is a subprocess
+of its entrypoint, so exit codes, markers and contracts between stages are what is tested.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pneumonia.data.demo import make_demo_archive
+from test_train import PYTHON, REPO, subprocess_env
+
+DEMO_CONFIG = REPO / "jobs" / "configs" / "demo.yaml"
+MIN_TEST_KAPPA = 0.8
+
+
+def stage(name: str, args: list[str], timeout_s: int) -> subprocess.CompletedProcess:
+    result = subprocess.run([PYTHON, str(REPO / "jobs" / f"{name}.py"), "--config", str(DEMO_CONFIG), *args],
+                            env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+    assert result.returncode == 0, f"{name} failed:\n{result.stderr[-4000:]}"
+    return result
+
+
+@pytest.mark.slow
+def test_demo_pipeline_reaches_the_quality_bar(tmp_path: Path):
+    root = tmp_path / "demo"
+    archive = root / "raw" / "demo-chest-xray.zip"
+    make_demo_archive(str(archive), num_images=300, seed=0)
+    args = ["--set", f"data.root={root}", "--set", f"data.archive={archive}", "--set", "train.run_id=e2e"]
+    for name, timeout_s in (("preprocess", 120), ("shard", 180), ("train", 420), ("evaluate", 180)):
+        stage(name, args, timeout_s)
+
+    run_dir = root / "runs" / "e2e"
+    assert (run_dir / "_SUCCESS.json").is_file() and (run_dir / "report" / "_SUCCESS.json").is_file()
+    metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
+    manifest = json.loads((root / "splits" / "split.json").read_text())
+    assert metrics["num_images"] == sum(manifest["counts"]["test"].values())
+    assert metrics["cohen_kappa"] >= MIN_TEST_KAPPA, metrics

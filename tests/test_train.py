@@ -1,0 +1,339 @@
+"""The training stage in one process: phases, batch and class-weight rules, resume, SIGTERM, bad config.
+
+Data: the real preprocess and shard stages on a 96-image synthetic archive at 32x32x1 (built once
+per session, copied per test), and the small CNN.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
+
+from pneumonia.config import load_config
+from pneumonia.errors import EXIT_PREEMPTED, BadInputError, ConfigError
+from pneumonia.training import fit
+from pneumonia.training.callbacks import HistoryRecorder, weights_sha256
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+# The tiny config every training test uses; each test adds data.root and a run id.
+TINY = [
+    "shard.image_height=32", "shard.image_width=32", "shard.channels=1", "shard.min_shards_per_split=2",
+    "split.val_fraction=0.2",
+    "model.name=small_cnn", "model.weights=none", "model.input_size=32", "model.dense_units=[16]",
+    "train.epochs=3", "train.warmup_epochs=1", "train.per_replica_batch_size=8", "train.shuffle_buffer=64",
+]
+
+
+def tiny_config(root: str, run_id: str, *extra: str):
+    return load_config(None, [f"data.root={root}", f"train.run_id={run_id}", *TINY, *extra])
+
+
+def build_shards(root: Path, num_images: int = 96) -> None:
+    """Synthetic archive -> preprocess -> shard, in this process (a few seconds)."""
+    from pneumonia.data import preprocess, shard
+    from pneumonia.data.demo import make_demo_archive
+
+    archive = root / "raw" / "demo.zip"
+    make_demo_archive(str(archive), num_images=num_images, seed=0)
+    config = load_config(None, [f"data.root={root}", f"data.archive={archive}", *TINY])
+    preprocess.run(config)
+    shard.run(config)
+
+
+def copy_shards(source: Path, root: str) -> None:
+    """The built splits/ and processed/ into `root` (a folder or gs://), so each test owns its runs/."""
+    for folder in ("splits", "processed"):
+        for path in sorted((source / folder).rglob("*")):
+            if path.is_file():
+                target = f"{root}/{path.relative_to(source).as_posix()}"
+                tf.io.gfile.makedirs(target.rpartition("/")[0]) if not root.startswith("gs://") else None
+                tf.io.gfile.copy(str(path), target, overwrite=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tiny-shards")
+    build_shards(root)
+    return root
+
+
+@pytest.fixture
+def data_root(tiny_shards: Path, tmp_path: Path) -> str:
+    root = tmp_path / "data"
+    copy_shards(tiny_shards, str(root))
+    return str(root)
+
+
+def job_args(root: str, run_id: str, *extra: str) -> list[str]:
+    args = []
+    for item in [f"data.root={root}", f"train.run_id={run_id}", *TINY, *extra]:
+        args += ["--set", item]
+    return args
+
+
+def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, "LOG_FORMAT": "json", "TF_CPP_MIN_LOG_LEVEL": "2", **(extra or {})}
+    env.pop("TF_CONFIG", None)
+    env.pop("JOB_COMPLETION_INDEX", None)
+    return env
+
+
+def events(text: str) -> list[dict]:
+    """The JSON log events in a process's stderr (TensorFlow's own lines are skipped)."""
+    found = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                found.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return found
+
+
+class LogTail:
+    """Reads a process's stderr on a thread, so a test can wait (bounded) for a log event."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._pump, args=(process,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, process: subprocess.Popen) -> None:
+        for line in iter(process.stderr.readline, ""):
+            self.lines.append(line)
+
+    def wait_for(self, predicate, timeout_s: float) -> dict:  # noqa: ANN001
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for event in events("".join(self.lines)):
+                if predicate(event):
+                    return event
+            time.sleep(0.1)
+        raise AssertionError(f"no matching log event within {timeout_s} s; last lines:\n{''.join(self.lines[-20:])}")
+
+    def text(self) -> str:
+        self._thread.join(timeout=10)
+        return "".join(self.lines)
+
+
+def start_train(args: Sequence[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([PYTHON, str(REPO / "jobs" / "train.py"), *args], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+# --- rules, without training -------------------------------------------------------------------------
+
+
+def test_phases_follow_model_trainable_and_scale_the_learning_rate():
+    config = load_config(None, ["model.trainable=warmup", "train.epochs=5", "train.warmup_epochs=2",
+                                "train.learning_rate=0.01", "train.fine_tune_learning_rate=0.001"])
+    warmup, fine_tune = fit.plan_phases(config, num_replicas=4)
+    assert (warmup.name, warmup.start_epoch, warmup.end_epoch, warmup.backbone_trainable) == ("warmup", 0, 2, False)
+    assert (fine_tune.start_epoch, fine_tune.end_epoch, fine_tune.backbone_trainable) == (2, 5, True)
+    assert warmup.learning_rate == pytest.approx(0.04) and fine_tune.learning_rate == pytest.approx(0.004)
+
+    unscaled = config.replace(train=config.train.__class__(**{**config.train.__dict__, "scale_learning_rate": False}))
+    assert fit.plan_phases(unscaled, num_replicas=4)[0].learning_rate == pytest.approx(0.01)
+    # No warmup epochs: a single fine-tune phase from epoch 0; all warmup: no fine-tune phase.
+    assert [p.name for p in fit.plan_phases(load_config(None, ["train.warmup_epochs=0"]))] == ["fine_tune"]
+    assert [p.name for p in fit.plan_phases(load_config(None, ["train.epochs=2", "train.warmup_epochs=2"]))] == [
+        "warmup"]
+    frozen = fit.plan_phases(load_config(None, ["model.trainable=frozen", "train.epochs=4"]))
+    assert [(p.name, p.start_epoch, p.end_epoch, p.backbone_trainable) for p in frozen] == [("frozen", 0, 4, False)]
+    full = fit.plan_phases(load_config(None, ["model.trainable=full", "train.epochs=4"]))
+    assert [(p.name, p.backbone_trainable) for p in full] == [("full", True)]
+
+
+def test_global_batch_is_per_replica_times_replicas_or_an_even_split():
+    train = load_config(None, ["train.per_replica_batch_size=16"]).train
+    assert fit.resolve_global_batch(train, 3) == (48, 16)
+    explicit = load_config(None, ["train.global_batch_size=64"]).train
+    assert fit.resolve_global_batch(explicit, 4) == (64, 16)
+    with pytest.raises(ConfigError, match="train.global_batch_size"):
+        fit.resolve_global_batch(explicit, 3)
+
+
+def test_class_weights_come_in_label_order_and_weight_the_loss():
+    manifest = {"class_weights": {"virus": 3.0, "normal": 1.0, "bacteria": 0.5}}
+    assert fit.class_weight_vector(manifest) == [1.0, 0.5, 3.0]
+    with pytest.raises(BadInputError, match="virus"):
+        fit.class_weight_vector({"class_weights": {"normal": 1.0, "bacteria": 1.0}})
+
+    y_true = tf.constant([[1.0, 0, 0], [0, 0, 1.0]])
+    y_pred = tf.constant([[0.7, 0.2, 0.1], [0.2, 0.3, 0.5]])
+    loss = fit.WeightedCategoricalCrossentropy([1.0, 0.5, 3.0])
+    expected = np.mean([-np.log(0.7) * 1.0, -np.log(0.5) * 3.0])
+    assert float(loss(y_true, y_pred)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_resume_config_check_ignores_only_process_keys():
+    base = load_config(None, ["train.run_id=r"]).to_dict()
+    moved = load_config(None, ["train.run_id=r", "train.max_epochs_this_process=1"]).to_dict()
+    changed = load_config(None, ["train.run_id=r", "train.learning_rate=0.5"]).to_dict()
+    assert fit.comparable_config(base) == fit.comparable_config(moved)
+    assert fit.comparable_config(base) != fit.comparable_config(changed)
+
+
+def test_history_keeps_earlier_epochs_and_drops_the_ones_a_resume_redoes(tmp_path: Path):
+    earlier = [{"epoch": 0, "loss": 1.0}, {"epoch": 1, "loss": 0.9}, {"epoch": 2, "loss": 0.8}]
+    recorder = HistoryRecorder(str(tmp_path / "history.json"), {"num_workers": 1}, earlier, images_per_step=8)
+    recorder.on_epoch_begin(2)  # the backup ended at epoch 1: epoch 2's record is redone
+    assert [r["epoch"] for r in recorder.epochs] == [0, 1]
+    assert recorder.first_epoch_run == 2
+    assert recorder.best("loss") == 1.0
+
+
+def test_weights_checksum_changes_with_any_weight():
+    model = keras.Sequential([keras.layers.Input((4,)), keras.layers.Dense(2)])
+    before = weights_sha256(model)
+    assert weights_sha256(model) == before
+    kernel = model.get_weights()
+    kernel[1] = kernel[1] + 1e-6
+    model.set_weights(kernel)
+    assert weights_sha256(model) != before
+
+
+# --- training in this process ------------------------------------------------------------------------
+
+
+def test_stop_after_one_epoch_then_resume_across_the_warmup_switch(data_root: str):
+    """Stops at the warmup -> fine-tune boundary, resumes in phase two, and skips a finished run."""
+    stopped = fit.run(tiny_config(data_root, "resume", "train.max_epochs_this_process=1"))
+    run_dir = Path(data_root) / "runs" / "resume"
+    assert stopped is None
+    assert not (run_dir / "_SUCCESS.json").exists()
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [r["epoch"] for r in history["epochs"]] == [0] and history["complete"] is False
+    assert (run_dir / "backup" / "warmup" / "chief" / "checkpoint").exists()
+
+    done = fit.run(tiny_config(data_root, "resume"))
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [r["epoch"] for r in history["epochs"]] == [0, 1, 2]
+    assert history["complete"] is True and history["num_replicas"] == 1 and history["global_batch_size"] == 8
+    # Epoch 0 ran at the warmup rate, epochs 1-2 at the fine-tune rate: the resumed process started in phase two.
+    assert [r["learning_rate"] for r in history["epochs"]] == pytest.approx([1e-3, 1e-4, 1e-4])
+    assert all(r["images_per_second"] > 0 and "val_cohen_kappa" in r for r in history["epochs"])
+    marker = json.loads((run_dir / "_SUCCESS.json").read_text())
+    assert marker == done and marker["weights_sha256"]
+    best = run_dir / "checkpoints" / "best.weights.h5"
+    assert marker["best_weights_sha256"] == fit.storage.sha256_file(str(best))
+    assert not (run_dir / "backup").exists()  # removed once the marker exists
+
+    exported = keras.models.load_model(str(run_dir / "model"), compile=False)
+    probabilities = exported(np.zeros((2, 32, 32, 1), np.float32)).numpy()
+    assert probabilities.shape == (2, 3) and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+    again = fit.run(tiny_config(data_root, "resume"))
+    assert again == marker  # already done: nothing retrained
+    with pytest.raises(BadInputError, match="different config"):
+        fit.run(tiny_config(data_root, "resume", "train.learning_rate=0.01"))
+
+
+def test_backup_every_n_steps_resumes_inside_the_epoch(tmp_path: Path):
+    """A crash mid-epoch with backup_every_n_steps: the next fit starts at the step after the last backup."""
+    from pneumonia.training.callbacks import PreemptionWatch, ResumableBackup
+
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    y = np.eye(3, dtype=np.float32)[np.arange(64) % 3]
+
+    class Crash(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):  # noqa: ANN001
+            if self.model._crash_at == (self.epoch, batch):
+                raise RuntimeError("simulated crash")
+
+        def on_epoch_begin(self, epoch, logs=None):  # noqa: ANN001
+            self.epoch = epoch
+
+    class Seen(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.steps: list[tuple[int, int]] = []
+
+        def on_epoch_begin(self, epoch, logs=None):  # noqa: ANN001
+            self.epoch = epoch
+
+        def on_train_batch_begin(self, batch, logs=None):  # noqa: ANN001
+            self.steps.append((self.epoch, batch))
+
+    def attempt(crash_at):  # noqa: ANN001, ANN202
+        model = keras.Sequential([keras.layers.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+        model.compile(keras.optimizers.Adam(0.01), "categorical_crossentropy")
+        model._crash_at = crash_at
+        seen = Seen()
+        backup = ResumableBackup(str(tmp_path / "backup"), PreemptionWatch(), every_n_steps=3)
+        try:
+            model.fit(x, y, batch_size=8, epochs=3, callbacks=[seen, backup, Crash()], verbose=0)
+        except RuntimeError:
+            pass
+        return seen.steps
+
+    first = attempt(crash_at=(1, 5))  # 8 steps per epoch; backups after steps 2 and 5 would be at 3 and 6
+    assert first[-1] == (1, 5)
+    second = attempt(crash_at=None)
+    # The last backup before the crash was after step 2 of epoch 1 (steps 0-2 done): resume at step 3.
+    assert second[0] == (1, 3)
+    assert second[-1] == (2, 7)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_backup_exits_143_and_the_rerun_resumes(data_root: str):
+    args = job_args(data_root, "sigterm", "model.trainable=full", "train.epochs=40", "train.warmup_epochs=0")
+    env = subprocess_env()
+    process = start_train(args, env)
+    tail = LogTail(process)
+    try:
+        tail.wait_for(lambda e: e.get("event") == "epoch begin" and e.get("epoch") == 2, timeout_s=120)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == EXIT_PREEMPTED
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    first = events(tail.text())
+    stop = next(e for e in first if e.get("event") == "stop requested (SIGTERM): backup saved")
+    assert stop["epoch"] >= 2
+
+    short = job_args(data_root, "sigterm", "model.trainable=full", "train.epochs=40", "train.warmup_epochs=0",
+                     "train.max_epochs_this_process=1")
+    rerun = subprocess.run([PYTHON, str(REPO / "jobs" / "train.py"), *short], env=env, cwd=REPO,
+                           capture_output=True, text=True, timeout=180)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    resumed = [e["epoch"] for e in events(rerun.stderr) if e.get("event") == "epoch begin"]
+    # The stop came mid-epoch (or at the first step of the next): the rerun redoes that epoch, not epoch 0.
+    assert resumed == [stop["epoch"]]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.name=resnet9000", "model.name"),
+    ("train.per_replica_batch_size=0", "train.per_replica_batch_size"),
+])
+def test_bad_config_exits_2_naming_the_key(tmp_path: Path, override: str, key: str):
+    result = subprocess.run([PYTHON, str(REPO / "jobs" / "train.py"), "--set", f"data.root={tmp_path}",
+                             "--set", override], env=subprocess_env(), cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert key in result.stderr
+
+
+def test_missing_shards_exit_2_at_once(tmp_path: Path):
+    result = subprocess.run([PYTHON, str(REPO / "jobs" / "train.py"), *job_args(str(tmp_path), "noshards")],
+                            env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "shard" in result.stderr and "_SUCCESS.json" in result.stderr
+    assert not (tmp_path / "runs" / "noshards" / "_SUCCESS.json").exists()
