@@ -83,3 +83,16 @@ def _restore_logging() -> Iterator[None]:
     yield
     structlog.configure(**saved)
     structlog.contextvars.clear_contextvars()
+
+
+@pytest.fixture(autouse=True)
+def _restore_cluster_env() -> Iterator[None]:
+    """Code under test may set TF_CONFIG in os.environ (as it does in a pod); it must not leak into
+    the next test, where an in-process strategy would then try to join a cluster."""
+    saved = {key: os.environ.get(key) for key in ("TF_CONFIG", "JOB_COMPLETION_INDEX")}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -94,8 +94,22 @@ def kill_one_worker_after_a_backup(root: str, run_id: str, env: dict[str, str], 
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    backed_up = [e["epoch"] for e in events(tails[0].text()) if e.get("event") == "backup saved"]
-    return max(backed_up)
+    logged = max(e["epoch"] for e in events(tails[0].text()) if e.get("event") == "backup saved")
+    # The kill can land after the chief wrote a newer backup but before it logged it: what resumes
+    # is what is on disk, so read the epoch the backup itself holds.
+    on_disk = backed_up_epoch(f"{root}/runs/{run_id}/backup")
+    assert on_disk >= logged
+    return on_disk
+
+
+def backed_up_epoch(backup_root: str) -> int:
+    """The last epoch saved in any phase's BackupAndRestore checkpoint (the chief's copy)."""
+    saved = []
+    for phase_dir in tf.io.gfile.listdir(backup_root):
+        reader = tf.train.load_checkpoint(f"{backup_root}/{phase_dir.rstrip('/')}/chief")
+        saved += [int(reader.get_tensor(key)) for key in reader.get_variable_to_shape_map()
+                  if key.startswith("ckpt_saved_epoch/")]
+    return max(saved)
 
 
 def assert_resumes_after(root: str, run_id: str, env: dict[str, str], extra: list[str], last_backup: int) -> None:
