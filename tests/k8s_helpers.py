@@ -179,7 +179,7 @@ class EmulatorThread:
             self._ready.set()
             await self._stop.wait()
 
-    def start(self, timeout_s: float = 10.0) -> "EmulatorThread":
+    def start(self, timeout_s: float = 10.0) -> EmulatorThread:
         self._thread.start()
         if not self._ready.wait(timeout_s) or self._error is not None:
             raise RuntimeError(f"kmock did not start: {self._error!r}")

@@ -11,9 +11,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_train import PYTHON, REPO, subprocess_env
 
 from pneumonia.data.demo import make_demo_archive
-from test_train import PYTHON, REPO, subprocess_env
 
 DEMO_CONFIG = REPO / "jobs" / "configs" / "demo.yaml"
 MIN_TEST_KAPPA = 0.8

@@ -64,7 +64,7 @@ class Controller:
     """Plays the Job controller and kubelet: `sleep` advances a fake clock and runs the next scripted step."""
 
     def __init__(self, client: ln.KubeClient, server: EmulatorThread,
-                 script: dict[str, list[Callable[["Controller"], None]]]) -> None:
+                 script: dict[str, list[Callable[[Controller], None]]]) -> None:
         self.client, self.server, self.script = client, server, script
         self.now = 0.0
         self.interrupt_when: Callable[[], bool] = lambda: False

@@ -15,11 +15,19 @@ from pathlib import Path
 
 import pytest
 import tensorflow as tf
+from test_train import (  # noqa: F401 - tiny_shards is a fixture
+    PYTHON,
+    REPO,
+    LogTail,
+    copy_shards,
+    events,
+    job_args,
+    start_train,
+    subprocess_env,
+    tiny_shards,
+)
 
 from pneumonia.training.local_workers import loopback_tf_configs
-from test_train import (  # noqa: F401 - tiny_shards is a fixture
-    PYTHON, REPO, LogTail, copy_shards, events, job_args, start_train, subprocess_env, tiny_shards,
-)
 
 PEER_EXIT_TIMEOUT_S = 90
 RUN_TIMEOUT_S = 300

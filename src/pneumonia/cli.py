@@ -26,7 +26,7 @@ def parse_args(stage: str, argv: Sequence[str] | None = None) -> argparse.Namesp
 
 
 def new_run_id() -> str:
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
     return f"{stamp}-{secrets.token_hex(2)}"
 
 

@@ -94,7 +94,7 @@ class ClusterSpec:
         return tuple(address.rpartition(":")[0] for address in self.workers)
 
     @classmethod
-    def from_tf_config(cls, parsed: dict | None) -> "ClusterSpec":
+    def from_tf_config(cls, parsed: dict | None) -> ClusterSpec:
         if not parsed:
             return cls()
         cluster = parsed.get("cluster", {})

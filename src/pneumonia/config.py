@@ -208,7 +208,7 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
-    def validate(self) -> "PipelineConfig":
+    def validate(self) -> PipelineConfig:
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
         if self.train.global_batch_size and self.cluster.num_workers > 1:
@@ -217,7 +217,7 @@ class PipelineConfig:
                      f"divisible by cluster.num_workers ({self.cluster.num_workers})")
         return self
 
-    def replace(self, **sections: Any) -> "PipelineConfig":
+    def replace(self, **sections: Any) -> PipelineConfig:
         return dataclasses.replace(self, **sections)
 
     def to_dict(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ class Layout:
     root: str
 
     @classmethod
-    def of(cls, config: PipelineConfig) -> "Layout":
+    def of(cls, config: PipelineConfig) -> Layout:
         return cls(config.data.root.rstrip("/"))
 
     @property

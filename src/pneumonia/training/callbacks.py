@@ -56,7 +56,7 @@ class PreemptionWatch:
         self._agree_fn: Any = None
         self.signal_time: float | None = None
 
-    def install(self) -> "PreemptionWatch":
+    def install(self) -> PreemptionWatch:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         return self

@@ -55,7 +55,7 @@ def with_run_id(train_args: Sequence[str]) -> list[str]:
     """Every worker must write the same run: fix one run id here unless the caller gave one."""
     args = list(train_args)
     if any(arg.startswith("train.run_id=") for arg in args) or any(
-            a == "--set" and b.startswith("train.run_id=") for a, b in zip(args, args[1:])):
+            a == "--set" and b.startswith("train.run_id=") for a, b in zip(args, args[1:], strict=False)):
         return args
     return [*args, "--set", f"train.run_id={new_run_id()}"]
 
