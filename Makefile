@@ -2,6 +2,8 @@
 # `make help` lists the targets. Every target installs what it needs into .venv first.
 
 SHELL := /usr/bin/env bash -o pipefail
+# TensorFlow's C++ start-up chatter (oneDNN, CUDA probes) would drown the stage logs.
+export TF_CPP_MIN_LOG_LEVEL ?= 2
 .SHELLFLAGS := -ec
 .DEFAULT_GOAL := help
 
