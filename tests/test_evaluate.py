@@ -51,7 +51,7 @@ def make_run(root: Path, seed: int = 0) -> TrainedRun:
     _SUCCESS.json."""
     archive = make_demo_archive(root, num_images=60, seed=seed)
     config = config_for(root / "data", archive, "shard.image_height=32", "shard.image_width=32",
-                        "shard.min_shards_per_split=3", "model.name=small_cnn", "model.weights=none",
+                        "shard.min_shards_per_split=3", "shard.encoding=png", "model.name=small_cnn", "model.weights=none",
                         "model.trainable=full", "model.input_size=32", "model.dense_units=[16]",
                         "train.per_replica_batch_size=4", f"train.run_id={RUN_ID}")
     preprocess.run(config)

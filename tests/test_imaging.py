@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
-from pneumonia.data import imaging
+from pneumonia.data import demo, imaging
 
 
 def in_tf_data(function, *args):  # noqa: ANN001, ANN201
@@ -21,6 +24,25 @@ def eager(function, *args):  # noqa: ANN001, ANN201
 
 def white(height: int, width: int, channels: int = 1) -> np.ndarray:
     return np.full((height, width, channels), 255, np.uint8)
+
+
+def radiograph_jpeg(seed: int, scale: float = 4.0, rgb: bool = False, quality: int = 90) -> bytes:
+    """A demo radiograph upscaled like the benchmark's sources (film grain added), as JPEG bytes."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(demo.render_image("bacteria", rng), "L")
+    big = np.asarray(small.resize((round(small.width * scale), round(small.height * scale)), Image.BILINEAR),
+                     np.float32)
+    pixels = np.clip(big + rng.normal(0.0, 2.0, big.shape), 0, 255).astype(np.uint8)
+    picture = Image.fromarray(pixels, "L")
+    buffer = io.BytesIO()
+    (picture.convert("RGB") if rgb else picture).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def full_decode_resized(data: bytes, height: int, width: int, channels: int = 1) -> np.ndarray:
+    """The reference: the whole source decoded at full size (same IDCT), then the same area resize."""
+    image = tf.io.decode_jpeg(data, channels=channels, dct_method=imaging.JPEG_DCT_METHOD)
+    return imaging.resize_with_pad(image, height, width).numpy()
 
 
 @pytest.mark.parametrize("size, fitted", [((600, 300), (64, 32)), ((300, 600), (32, 64)), ((64, 64), (64, 64)),
@@ -70,6 +92,110 @@ def test_decode_makes_the_requested_channels_from_jpeg_and_png(run) -> None:  # 
         assert 100 < gray[8, 8, 0] < 140  # luma of pure green 200 is about 117
         colour = run(lambda data: imaging.decode(data, 3), encoded)
         assert colour.shape == (20, 30, 3)
+
+
+# (source h, w, target h, w) -> ratio. libjpeg's 1/r decode is ceil(h / r) x ceil(w / r).
+SCALE_CASES = [
+    ((1600, 1200, 256, 256), 4),  # fits 256x192; 1/8 would be 200 rows < 256
+    ((2900, 2400, 256, 256), 4),  # fits 256x212; 1/8 (363x300) would cover, but 1/8 is not used
+    ((640, 640, 256, 256), 2),
+    ((511, 511, 256, 256), 2),  # ceil(511 / 2) = 256 still covers
+    ((510, 510, 256, 256), 1),  # 255 would need enlarging
+    ((200, 100, 256, 256), 1),  # smaller than the target
+    ((1000, 3, 64, 64), 4),  # fits 64x1
+    ((3000, 3000, 224, 224), 4),
+]
+
+
+@pytest.mark.parametrize("case, ratio", SCALE_CASES)
+@pytest.mark.parametrize("run", [eager, in_tf_data])
+def test_jpeg_scale_ratio_is_the_largest_that_still_covers_the_fit(run, case: tuple, ratio: int) -> None:  # noqa: ANN001
+    source_height, source_width, target_height, target_width = case
+    got = run(lambda h, w: imaging.jpeg_scale_ratio(h, w, target_height, target_width),
+              tf.constant(source_height), tf.constant(source_width))
+    assert int(got) == ratio
+    fitted = [int(v) for v in imaging.fitted_size(source_height, source_width, target_height, target_width)]
+    if ratio > 1:  # a scaled decode never has to be enlarged
+        assert -(-source_height // ratio) >= fitted[0] and -(-source_width // ratio) >= fitted[1]
+    if ratio < max(imaging.JPEG_SCALE_RATIOS):  # the next ratio up would have to enlarge
+        assert -(-source_height // (2 * ratio)) < fitted[0] or -(-source_width // (2 * ratio)) < fitted[1]
+
+
+@pytest.mark.parametrize("run", [eager, in_tf_data])
+def test_large_jpeg_is_decoded_scaled_true_size_kept_and_close_to_a_full_decode(run) -> None:  # noqa: ANN001
+    data = radiograph_jpeg(seed=1)  # 640-1600 px a side
+    source_height, source_width = Image.open(io.BytesIO(data)).size[::-1]
+    ratio = int(imaging.jpeg_scale_ratio(source_height, source_width, 128, 128))
+    assert ratio >= 4
+    out, height, width = run(lambda d: imaging.load_resized(d, 128, 128, 1), data)
+    assert out.shape == (128, 128, 1) and out.dtype == np.uint8
+    assert (height, width) == (source_height, source_width)  # the source's size, not the scaled decode's
+    # It really decoded at 1/ratio: exactly what an explicit scaled decode + the same resize gives ...
+    scaled = tf.io.decode_jpeg(data, channels=1, ratio=ratio, dct_method=imaging.JPEG_DCT_METHOD)
+    assert scaled.shape[:2] == (-(-source_height // ratio), -(-source_width // ratio))
+    new_height, new_width = imaging.fitted_size(source_height, source_width, 128, 128)
+    np.testing.assert_array_equal(out, imaging._resize_to_fit(scaled, new_height, new_width, 128, 128).numpy())
+    # ... which is not the full decode's output, but very close to it (same geometry, same padding).
+    reference = full_decode_resized(data, 128, 128)
+    assert not np.array_equal(out, reference)
+    assert imaging.psnr_db(reference, out) > 40.0
+    np.testing.assert_array_equal(out == 0, reference == 0)  # padding in the same place
+
+
+def test_scaled_decode_quality_on_benchmark_like_sources() -> None:
+    """Several sources and shard sizes (ratios 1, 2, 4): PSNR against full decode + area resize."""
+    checked = set()
+    for seed, (size, scale) in enumerate([(256, 4.0), (224, 4.0), (256, 2.5), (128, 6.0), (512, 4.0), (512, 1.5)]):
+        data = radiograph_jpeg(seed=seed + 10, scale=scale)
+        source_height, source_width = Image.open(io.BytesIO(data)).size[::-1]
+        checked.add(int(imaging.jpeg_scale_ratio(source_height, source_width, size, size)))
+        out = imaging.load_resized(data, size, size, 1)[0].numpy()
+        assert imaging.psnr_db(full_decode_resized(data, size, size), out) > 40.0, (seed, size, scale)
+    assert checked == {1, 2, 4}
+
+
+@pytest.mark.parametrize("run", [eager, in_tf_data])
+def test_scaled_decode_converts_channels_like_a_full_decode(run) -> None:  # noqa: ANN001
+    rgb = np.zeros((160, 240, 3), np.uint8)
+    rgb[..., 1] = 200
+    colour_jpeg = tf.io.encode_jpeg(rgb, quality=100).numpy()
+    gray_jpeg = tf.io.encode_jpeg(np.full((160, 240, 1), 90, np.uint8), quality=100).numpy()
+    assert int(imaging.jpeg_scale_ratio(160, 240, 16, 16)) == 4
+    gray, height, width = run(lambda data: imaging.load_resized(data, 16, 16, 1), colour_jpeg)
+    assert gray.shape == (16, 16, 1) and (height, width) == (160, 240)
+    assert 100 < gray[8, 8, 0] < 140  # luma of pure green 200 is about 117
+    colour, _, _ = run(lambda data: imaging.load_resized(data, 16, 16, 3), gray_jpeg)
+    assert colour.shape == (16, 16, 3)
+    assert np.all(np.abs(colour[8, 8].astype(int) - 90) <= 2)  # gray copied to R, G and B
+
+
+@pytest.mark.parametrize("run", [eager, in_tf_data])
+def test_png_sources_are_decoded_in_full(run) -> None:  # noqa: ANN001
+    y, x = np.mgrid[0:300, 0:400]
+    pixels = ((x + 3 * y) % 251).astype(np.uint8)[..., None]
+    out, height, width = run(lambda data: imaging.load_resized(data, 32, 32, 1), tf.io.encode_png(pixels))
+    assert (height, width) == (300, 400)
+    np.testing.assert_array_equal(out, imaging.resize_with_pad(pixels, 32, 32).numpy())
+
+
+def test_load_resized_is_deterministic_eagerly_and_in_tf_data() -> None:
+    data = radiograph_jpeg(seed=2, rgb=True)
+    outputs = [eager(lambda d: imaging.load_resized(d, 96, 96, 1), data) for _ in range(2)]
+    outputs += [in_tf_data(lambda d: imaging.load_resized(d, 96, 96, 1), data) for _ in range(2)]
+    for out in outputs[1:]:
+        for got, first in zip(out, outputs[0], strict=True):
+            np.testing.assert_array_equal(got, first)
+    for encoding in imaging.ENCODINGS:
+        encoded = {imaging.encode(out[0], encoding).numpy() for out in outputs}
+        assert len(encoded) == 1  # byte-identical shards from the same source
+
+
+@pytest.mark.parametrize("run", [eager, in_tf_data])
+def test_broken_jpeg_sources_raise_invalid_argument(run) -> None:  # noqa: ANN001
+    data = radiograph_jpeg(seed=3)
+    for broken in (b"\xff\xd8\xff" + b"\x00" * 64, data[: len(data) // 3]):
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            run(lambda d: imaging.load_resized(d, 64, 64, 1), broken)
 
 
 @pytest.mark.parametrize("run", [eager, in_tf_data])

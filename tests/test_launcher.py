@@ -406,3 +406,19 @@ def test_log_cursor_prints_each_line_once_across_polls_and_pods() -> None:
     assert cursor.new_lines("p", first + "t2 d\nt3 e\n") == ["d", "e"]
     assert cursor.new_lines("p", "t3 e\n") == []  # a tail window that dropped older lines
     assert cursor.new_lines("q", "t1 x\n") == ["x"]  # a replacement pod starts over
+
+
+@pytest.mark.gcs
+def test_archive_upload_shows_progress_and_is_skipped_when_the_bucket_has_it(
+        gcs_root: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from pneumonia import storage
+    from pneumonia.k8s.__main__ import _upload
+
+    archive = tmp_path / "chest-xray.zip"
+    archive.write_bytes(bytes(range(256)) * 12_000)  # ~3 MiB: several resumable chunks' worth of progress
+    url = f"{gcs_root}/raw/chest-xray.zip"
+    _upload(str(archive), url)
+    first = capsys.readouterr().err
+    assert "100%" in first and storage.read_bytes(url) == archive.read_bytes()
+    _upload(str(archive), url)
+    assert "already holds the same bytes; not uploaded again" in capsys.readouterr().err

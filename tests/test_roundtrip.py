@@ -127,3 +127,20 @@ def test_a_failed_check_fails_the_stage_and_leaves_no_marker(copy: tuple[Path, d
     assert caught.value.exit_code == 2
     assert not (out_dir / "_SUCCESS.json").exists()
     assert (out_dir / roundtrip.PLOT_NAME).exists()  # drawn for people even on failure
+
+
+def test_jpeg_shards_catch_an_inverted_image_by_psnr(tmp_path: Path) -> None:
+    make_interim(tmp_path, counts={"train": (2, 2, 2)})
+    marker = shard.run(config_for(tmp_path, ALL, "shard.encoding=jpeg"))
+    out_dir = tmp_path / "processed" / SIZE_DIR
+    name = next(s["name"] for s in marker["shards"] if s["split"] == "train")
+
+    def invert_jpeg(record: tfrecords.Record) -> tfrecords.Record:
+        pixels = tf.io.decode_jpeg(record.image, channels=record.channels)
+        return tfrecords.Record(**{**record.__dict__, "image": tf.io.encode_jpeg(255 - pixels, quality=95).numpy()})
+
+    victim = rewrite_shard(out_dir, name, invert_jpeg)
+    with pytest.raises(BadInputError, match="below shard.roundtrip_min_psnr_db") as caught:
+        roundtrip.check(str(out_dir), marker["shards"], rows_of(tmp_path),
+                        config_for(tmp_path, ALL, "shard.encoding=jpeg"), str(tmp_path))
+    assert name in str(caught.value) and victim in str(caught.value)

@@ -17,7 +17,7 @@ import tensorflow as tf
 from PIL import Image
 
 from pneumonia.config import CLASS_NAMES, PipelineConfig, load_config
-from pneumonia.data import pipeline, shard, tfrecords
+from pneumonia.data import imaging, pipeline, shard, tfrecords
 from pneumonia.errors import BadInputError, UpstreamMissingError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,8 +86,9 @@ def write_manifest(root: Path, rows: list[dict]) -> None:
 
 
 def overrides(root: Path | str, *extra: str) -> list[str]:
+    # png: lossless, so these tests compare exact pixels; jpeg (the default) is tested where named.
     return [f"data.root={root}", "shard.image_height=32", "shard.image_width=32", "shard.min_shards_per_split=3",
-            "shard.marker_wait_timeout_s=60", *extra]
+            "shard.encoding=png", "shard.marker_wait_timeout_s=60", *extra]
 
 
 def config_for(root: Path | str, *extra: str) -> PipelineConfig:
@@ -158,6 +159,7 @@ def test_shards_hold_exactly_the_manifest_rows(sharded: tuple[Path, list[dict], 
     root, rows, marker = sharded
     out_dir = root / "processed" / SIZE_DIR
     by_path = {row["path"]: row for row in rows}
+    ratios = set()
     for split in ("train", "val", "test"):
         records = read_all(out_dir, split)
         expected = sorted(row["path"] for row in rows if row["split"] == split)
@@ -168,7 +170,11 @@ def test_shards_hold_exactly_the_manifest_rows(sharded: tuple[Path, list[dict], 
             assert (record.height, record.width, record.channels, record.image_format) == (32, 32, 1, "png")
             with Image.open(root / record.source_path) as source:
                 assert (record.original_width, record.original_height) == source.size
+                ratios.add(int(imaging.jpeg_scale_ratio(source.height, source.width, 32, 32)))
         assert marker["splits"][split]["num_records"] == len(expected)
+    # Sources were decoded both in full and at 1/2 scale (and the sizes above are still the true ones);
+    # the byte-identical rerun and parallel-writer tests below use these same shards.
+    assert ratios == {1, 2}
     assert "unused" not in marker["splits"]
     train = [s for s in marker["shards"] if s["split"] == "train"]
     assert [s["name"] for s in train] == [f"train-0000{i}-of-00003.tfrecord" for i in range(3)]

@@ -77,7 +77,9 @@ class ShardConfig:
     image_height: int = 256
     image_width: int = 256
     channels: int = 1
-    encoding: str = "png"
+    # jpeg (quality 95) measured faster to write, 2-3x faster to read and half the bytes of png, at
+    # a PSNR of 41 dB or more against the resized source (bench/README.md); png stays for exactness.
+    encoding: str = "jpeg"
     # Target bytes per shard file; the count is then raised to at least min_shards_per_split
     # and to the number of training workers, so FILE autosharding always has files to hand out.
     target_shard_bytes: int = 100 * 1024**2

@@ -31,7 +31,9 @@ def configure_logging(stage: str, run_id: str, worker: int | str = 0, *, json_lo
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write per event (message and newline together): print() writes them separately, and
+        # with PYTHONUNBUFFERED set, processes sharing a stream (local workers) would split lines.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.clear_contextvars()

@@ -183,6 +183,7 @@ def _output_settings(config: PipelineConfig) -> dict[str, Any]:
             "image_width": shard.image_width, "channels": shard.channels, "encoding": shard.encoding,
             "jpeg_quality": imaging.JPEG_QUALITY if shard.encoding == "jpeg" else None,
             "png_compression": imaging.PNG_COMPRESSION if shard.encoding == "png" else None,
+            "resize": imaging.RESIZE_METHOD,
             "target_shard_bytes": shard.target_shard_bytes, "min_shards_per_split": shard.min_shards_per_split,
             "cluster_num_workers": config.cluster.num_workers, "split_seed": config.split.seed}
 

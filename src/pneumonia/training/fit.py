@@ -183,6 +183,8 @@ def run(config: PipelineConfig) -> dict[str, Any] | None:
              phases=[f"{p.name}:{p.start_epoch}-{p.end_epoch}@{p.learning_rate:g}" for p in phases],
              resuming=bool(previous.get("epochs")))
 
+    # Same seed, same initial weights on every worker and in every rerun of a config.
+    keras.utils.set_random_seed(config.train.seed)
     use_xla = zoo.configure_precision(config.model, has_gpu=cluster.num_gpus() > 0)
     train_data = pipeline.distributed_dataset(strategy, processed_dir, "train", global_batch, True, config)
     val_data = validation_dataset(processed_dir, global_batch, config)
