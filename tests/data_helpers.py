@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import stat
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from pneumonia.config import PipelineConfig, load_config
+from pneumonia.data.demo import encode_jpeg
 from pneumonia.data.demo import make_demo_archive as _make_demo_archive
 
 
@@ -25,12 +24,7 @@ def make_demo_archive(tmp_path: Path, num_images: int = 60, seed: int = 0) -> Pa
 def jpeg_bytes(width: int = 24, height: int = 24, seed: int = 0, rgb: bool = False) -> bytes:
     """A small random JPEG; different seeds give different bytes (so no two count as duplicates)."""
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width), dtype=np.uint8)
-    picture = Image.fromarray(pixels, "L")
-    if rgb:
-        picture = picture.convert("RGB")
-    buffer = io.BytesIO()
-    picture.save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
+    return encode_jpeg(pixels, rgb, quality=90)
 
 
 def minimal_entries(num_per_class: int = 4) -> dict[str, bytes]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ from PIL import Image
 
 from pneumonia.config import CLASS_NAMES, PipelineConfig, load_config
 from pneumonia.data import imaging, pipeline, shard, tfrecords
+from pneumonia.data.demo import encode_jpeg
 from pneumonia.errors import BadInputError, UpstreamMissingError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,12 +37,7 @@ def source_image(class_name: str, seed: int, rgb: bool = False) -> bytes:
     elif class_name == "virus":
         base = base + 60 * ((x // 4) % 2)
     pixels = np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
-    picture = Image.fromarray(pixels, "L")
-    if rgb:
-        picture = picture.convert("RGB")
-    buffer = io.BytesIO()
-    picture.save(buffer, format="JPEG", quality=92)
-    return buffer.getvalue()
+    return encode_jpeg(pixels, rgb, quality=92)
 
 
 DEFAULT_COUNTS = {"train": (7, 6, 4), "val": (2, 2, 1), "test": (2, 1, 2), "unused": (1, 1, 1)}

@@ -159,12 +159,13 @@ def render_image(class_name: str, rng: np.random.Generator) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def encode_jpeg(pixels: np.ndarray, rgb: bool) -> bytes:
+def encode_jpeg(pixels: np.ndarray, rgb: bool, quality: int = 85) -> bytes:
+    """8-bit grayscale pixels -> JPEG bytes, stored as RGB when `rgb` (as a few real films are)."""
     picture = Image.fromarray(pixels, "L")
     if rgb:
         picture = picture.convert("RGB")
     buffer = io.BytesIO()
-    picture.save(buffer, format="JPEG", quality=85)
+    picture.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 
