@@ -11,6 +11,7 @@ scikit-learn on the same predictions (tests/test_metrics.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import tensorflow as tf
@@ -115,6 +116,10 @@ class CohenKappa(ConfusionMatrixMetric):
 
 
 class _PerClassMetric(ConfusionMatrixMetric):
+    """A per-class ratio of confusion-matrix counts; subclasses define `_per_class(counts)`."""
+
+    _per_class: Callable[[tf.Tensor], tf.Tensor]
+
     def __init__(self, class_id: int | None, num_classes: int = len(CLASS_NAMES), name: str | None = None,
                  **kwargs: Any) -> None:
         if class_id is not None and not 0 <= class_id < num_classes:
@@ -128,11 +133,8 @@ class _PerClassMetric(ConfusionMatrixMetric):
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "class_id": self.class_id}
 
-    def _per_class(self) -> tf.Tensor:
-        raise NotImplementedError
-
     def result(self) -> tf.Tensor:
-        values = self._per_class()
+        values = self._per_class(self._counts())
         value = tf.reduce_mean(values) if self.class_id is None else values[self.class_id]
         return tf.cast(value, self.dtype)
 
@@ -140,16 +142,14 @@ class _PerClassMetric(ConfusionMatrixMetric):
 class ClassPrecision(_PerClassMetric):
     """Precision of one class (class_id) or the macro mean (None): true positives / predicted positives."""
 
-    def _per_class(self) -> tf.Tensor:
-        counts = self._counts()
+    def _per_class(self, counts: tf.Tensor) -> tf.Tensor:
         return tf.math.divide_no_nan(tf.linalg.diag_part(counts), tf.reduce_sum(counts, axis=0))
 
 
 class ClassRecall(_PerClassMetric):
     """Recall of one class (class_id) or the macro mean (None): true positives / actual positives."""
 
-    def _per_class(self) -> tf.Tensor:
-        counts = self._counts()
+    def _per_class(self, counts: tf.Tensor) -> tf.Tensor:
         return tf.math.divide_no_nan(tf.linalg.diag_part(counts), tf.reduce_sum(counts, axis=1))
 
 
@@ -160,8 +160,7 @@ class FalsePositiveRate(_PerClassMetric):
     is not c (the notebook's false_positives / actual_negatives pair of add_weight counters).
     """
 
-    def _per_class(self) -> tf.Tensor:
-        counts = self._counts()
+    def _per_class(self, counts: tf.Tensor) -> tf.Tensor:
         total = tf.reduce_sum(counts)
         true_positives = tf.linalg.diag_part(counts)
         false_positives = tf.reduce_sum(counts, axis=0) - true_positives
