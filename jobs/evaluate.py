@@ -7,4 +7,4 @@ from pneumonia.cli import main
 from pneumonia.training.evaluate import run
 
 if __name__ == "__main__":
-    main("evaluate", run)
+    main("evaluate", run, run_id_required=True)

@@ -106,3 +106,34 @@ def test_a_missing_config_file_exits_2(tmp_path, capfd: pytest.CaptureFixture[st
     assert run_stage("train", lambda config: None, ["--config", str(missing)]) == EXIT_BAD_INPUT
     (event,) = _events(capfd.readouterr().err)
     assert str(missing) in event["error"]
+
+
+def test_sigterm_stops_the_stage_with_143_and_restores_the_handler(capfd: pytest.CaptureFixture[str]) -> None:
+    import os
+    import signal
+    import time
+
+    from pneumonia.errors import EXIT_PREEMPTED
+
+    reached_the_end = []
+
+    def body(config: PipelineConfig) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # as the kubelet does on preemption or pod deletion
+        time.sleep(5)  # the handler interrupts this at once
+        reached_the_end.append(True)
+
+    before = signal.getsignal(signal.SIGTERM)
+    started = time.monotonic()
+    assert run_stage("shard", body, []) == EXIT_PREEMPTED
+    assert time.monotonic() - started < 4 and not reached_the_end
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert any(e["event"].startswith("terminated (SIGTERM)") and e["exit_code"] == EXIT_PREEMPTED
+               for e in _events(capfd.readouterr().err))
+
+
+def test_a_stage_that_must_name_its_run_refuses_an_empty_run_id(capfd: pytest.CaptureFixture[str]) -> None:
+    ran = []
+    assert run_stage("evaluate", ran.append, [], run_id_required=True) == EXIT_BAD_INPUT
+    assert not ran and "train.run_id is empty" in capfd.readouterr().err
+    assert run_stage("evaluate", ran.append, ["--set", "train.run_id=r1"], run_id_required=True) == EXIT_OK
+    assert ran[0].train.run_id == "r1"

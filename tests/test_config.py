@@ -76,7 +76,7 @@ def test_unknown_key_in_yaml_and_unreadable_file(tmp_path):
 
 def test_to_yaml_round_trips(tmp_path):
     config = load_config(None, ["split.mode=pooled", "split.seed=3", "model.dense_units=[16]",
-                                "model.xla=false", "train.run_id=abc-1", "cluster.bucket=gs://b/p"])
+                                "model.xla=false", "train.run_id=abc-1", "cluster.gpu_type=nvidia-tesla-t4"])
     path = tmp_path / "resolved.yaml"
     path.write_text(config.to_yaml())
     assert load_config(path) == config
@@ -102,3 +102,10 @@ def test_set_keeps_text_fields_verbatim():
     config = load_config(None, ["train.run_id=0042", "model.weights=on"])
     assert config.train.run_id == "0042"
     assert config.model.weights == "on"
+
+
+def test_exponent_floats_without_a_dot_are_floats():
+    # YAML 1.1 reads 1e-4 as a string; the README writes learning rates that way.
+    assert load_config(None, ["train.learning_rate=1e-4"]).train.learning_rate == 1e-4
+    with pytest.raises(ConfigError, match="train.learning_rate"):
+        load_config(None, ["train.learning_rate=fast"])

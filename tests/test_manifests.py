@@ -114,7 +114,7 @@ def test_configmap_holds_the_cluster_config(tmp_path: Path) -> None:
     written = mf.load_manifests()
     config = configmap_config(written, tmp_path)
     assert config == base_config()
-    assert config.data.root == config.cluster.bucket and config.data.root.startswith("gs://")
+    assert config.data.root.startswith("gs://")
     assert config.data.archive.startswith(config.data.root + "/raw/")
     assert config.cluster.upstream_wait_timeout_s > 0  # kubectl apply starts every Job at once
     assert one(written, "ConfigMap")["metadata"]["labels"][mf.LABEL_INSTANCE] == config.train.run_id
@@ -124,7 +124,7 @@ def test_launch_options_reach_the_configmap_and_the_jobs(tmp_path: Path) -> None
     objects = variant(bucket="gs://b2-bucket/x/", num_workers=4, gpus_per_worker=2, gpu_type="nvidia-tesla-t4",
                       run_id="abc", image="r/p:2")
     config = configmap_config(objects, tmp_path)
-    assert (config.data.root, config.cluster.bucket) == ("gs://b2-bucket/x", "gs://b2-bucket/x")
+    assert config.data.root == "gs://b2-bucket/x"
     assert config.data.archive == "gs://b2-bucket/x/raw/chest-xray-pneumonia.zip"  # moved with the bucket
     assert (config.cluster.num_workers, config.cluster.gpus_per_worker, config.train.run_id) == (4, 2, "abc")
     train = jobs_of(objects)["train"]

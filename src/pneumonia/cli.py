@@ -8,12 +8,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import secrets
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
 from pneumonia import cluster
 from pneumonia.config import PipelineConfig, load_config
-from pneumonia.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, BadInputError
+from pneumonia.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, BadInputError, ConfigError
 from pneumonia.logs import configure_logging, get_logger
 
 
@@ -30,30 +31,55 @@ def new_run_id() -> str:
     return f"{stamp}-{secrets.token_hex(2)}"
 
 
-def run_stage(stage: str, body: Callable[[PipelineConfig], object], argv: Sequence[str] | None = None) -> int:
-    """Parses, configures logging, runs `body(config)`, and maps failures to exit codes."""
+class Terminated(Exception):
+    """SIGTERM arrived (preemption, node drain, pod deletion) outside a handler of the stage's own."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def run_stage(stage: str, body: Callable[[PipelineConfig], object], argv: Sequence[str] | None = None, *,
+              run_id_required: bool = False) -> int:
+    """Parses, configures logging, runs `body(config)`, and maps failures to exit codes.
+
+    `run_id_required`: an empty train.run_id is an error instead of a fresh id (evaluate must name
+    the run it scores; cluster workers must all name the same one).
+    """
     args = parse_args(stage, argv)
     try:
         config = load_config(args.config, args.overrides)
+        if not config.train.run_id and run_id_required:
+            raise ConfigError(f"config key train.run_id is empty: the {stage} stage must name its run "
+                              "(--set train.run_id=...; every worker and evaluate use the same one)")
     except BadInputError as error:
         configure_logging(stage, run_id="-", worker=cluster.worker_index())
-        get_logger().error("bad config", error=str(error))
+        get_logger().error("bad config", error=str(error), exit_code=EXIT_BAD_INPUT)
         return EXIT_BAD_INPUT
     if not config.train.run_id:
         config = config.replace(train=_with_run_id(config))
     configure_logging(stage, run_id=config.train.run_id, worker=cluster.worker_index())
     log = get_logger()
+    # In a container python is PID 1, which ignores SIGTERM without a handler and is SIGKILLed
+    # (exit 137, a spent retry) after the grace period. Stages are idempotent, so stopping at
+    # once with 143 is safe; the trainer installs its own handler that saves a backup first.
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         body(config)
     except BadInputError as error:
         log.error("bad input", error=str(error), exit_code=EXIT_BAD_INPUT)
         return EXIT_BAD_INPUT
+    except Terminated:
+        log.warning("terminated (SIGTERM): stopping; a rerun resumes", exit_code=EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         log.error("interrupted")
         return EXIT_FAILURE
     except Exception:  # noqa: BLE001 - anything unexpected is worth a retry; log it whole
         log.exception("stage failed", exit_code=EXIT_FAILURE)
         return EXIT_FAILURE
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     return EXIT_OK
 
 
@@ -63,5 +89,5 @@ def _with_run_id(config: PipelineConfig):  # noqa: ANN202
     return dataclasses.replace(config.train, run_id=new_run_id())
 
 
-def main(stage: str, body: Callable[[PipelineConfig], object]) -> None:
-    sys.exit(run_stage(stage, body))
+def main(stage: str, body: Callable[[PipelineConfig], object], *, run_id_required: bool = False) -> None:
+    sys.exit(run_stage(stage, body, run_id_required=run_id_required))

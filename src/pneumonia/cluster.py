@@ -44,6 +44,11 @@ def tf_config() -> dict | None:
     return parsed
 
 
+def in_cluster() -> bool:
+    """Whether this process is one of several: TF_CONFIG is set or it runs in an Indexed Job."""
+    return bool(os.environ.get(_TF_CONFIG)) or completion_index() is not None
+
+
 def worker_index() -> int:
     """This process's rank: TF_CONFIG's task index, else the Indexed Job's index, else 0."""
     tf_config = os.environ.get(_TF_CONFIG)

@@ -182,7 +182,6 @@ class ClusterConfig:
     gpu_type: str = "nvidia-l4"
     namespace: str = "pneumonia"
     image: str = ""
-    bucket: str = ""
     train_job_name: str = "pneumonia-train"
     train_service_name: str = "pneumonia-train-workers"
     worker_port: int = 2222
@@ -197,8 +196,6 @@ class ClusterConfig:
         _require(self.peer_wait_timeout_s >= 0, "cluster.peer_wait_timeout_s", self.peer_wait_timeout_s, ">= 0")
         _require(self.upstream_wait_timeout_s >= 0, "cluster.upstream_wait_timeout_s",
                  self.upstream_wait_timeout_s, ">= 0")
-        if self.bucket:
-            _require(self.bucket.startswith("gs://"), "cluster.bucket", self.bucket, "a gs://bucket[/prefix] URL")
 
 
 @dataclass(frozen=True)
@@ -314,6 +311,11 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         return tuple(_coerce(key, item_hint, item) for item in value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # e.g. a run id of digits
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):

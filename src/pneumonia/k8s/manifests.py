@@ -108,7 +108,6 @@ def with_launch_options(config: PipelineConfig, *, bucket: str | None = None, im
         if data.archive.startswith(old_root + "/"):
             moved_archive = bucket + data.archive[len(old_root):]
         data = dataclasses.replace(data, root=bucket, archive=moved_archive)
-        cluster = dataclasses.replace(cluster, bucket=bucket)
     if archive is not None:
         data = dataclasses.replace(data, archive=archive)
     updates = {"image": image, "namespace": namespace, "num_workers": num_workers,

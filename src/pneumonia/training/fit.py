@@ -139,15 +139,17 @@ def run(config: PipelineConfig) -> dict[str, Any] | None:
 
     Exits 143 (errors.EXIT_PREEMPTED) after saving the backup when SIGTERM arrives.
     """
-    # The strategy comes first: collectives must be configured before any TensorFlow op runs.
-    strategy, spec = cluster.make_strategy(config.cluster)
     layout = Layout.of(config)
     run_id = config.train.run_id
     if not run_id:
         raise ConfigError("config key train.run_id is empty; the entrypoint sets one (pass --set train.run_id=...)")
+    # Before the strategy: a worker replaced after the run finished must not wait for peers that
+    # are gone (file reads run no TensorFlow op, so the collectives can still be configured).
     finished = _already_finished(layout, config)
     if finished is not None:
         return finished
+    # The strategy comes before any TensorFlow op: collectives must be configured at start-up.
+    strategy, spec = cluster.make_strategy(config.cluster)
     _check_resume_config(layout, config)
 
     size_dir = config.shard.size_dir
