@@ -137,3 +137,12 @@ def test_a_stage_that_must_name_its_run_refuses_an_empty_run_id(capfd: pytest.Ca
     assert not ran and "train.run_id is empty" in capfd.readouterr().err
     assert run_stage("evaluate", ran.append, ["--set", "train.run_id=r1"], run_id_required=True) == EXIT_OK
     assert ran[0].train.run_id == "r1"
+
+
+@pytest.mark.parametrize("variable, value", [("TF_CONFIG", "{not json"), ("JOB_COMPLETION_INDEX", "two")])
+def test_a_malformed_cluster_environment_is_bad_input(monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+                                                     variable: str, value: str) -> None:
+    monkeypatch.setenv(variable, value)
+    ran = []
+    assert run_stage("train", ran.append, ["--set", "train.run_id=r1"]) == EXIT_BAD_INPUT
+    assert not ran and variable in capfd.readouterr().err

@@ -48,17 +48,18 @@ def run_stage(stage: str, body: Callable[[PipelineConfig], object], argv: Sequen
     """
     args = parse_args(stage, argv)
     try:
+        worker = cluster.worker_index()  # a malformed TF_CONFIG is bad input too, not a retry
         config = load_config(args.config, args.overrides)
         if not config.train.run_id and run_id_required:
             raise ConfigError(f"config key train.run_id is empty: the {stage} stage must name its run "
                               "(--set train.run_id=...; every worker and evaluate use the same one)")
     except BadInputError as error:
-        configure_logging(stage, run_id="-", worker=cluster.worker_index())
+        configure_logging(stage, run_id="-", worker="-")
         get_logger().error("bad config", error=str(error), exit_code=EXIT_BAD_INPUT)
         return EXIT_BAD_INPUT
     if not config.train.run_id:
         config = config.replace(train=_with_run_id(config))
-    configure_logging(stage, run_id=config.train.run_id, worker=cluster.worker_index())
+    configure_logging(stage, run_id=config.train.run_id, worker=worker)
     log = get_logger()
     # In a container python is PID 1, which ignores SIGTERM without a handler and is SIGKILLed
     # (exit 137, a spent retry) after the grace period. Stages are idempotent, so stopping at

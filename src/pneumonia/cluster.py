@@ -26,7 +26,12 @@ _COMPLETION_INDEX = "JOB_COMPLETION_INDEX"
 def completion_index() -> int | None:
     """This pod's index in a Kubernetes Indexed Job, or None outside one."""
     value = os.environ.get(_COMPLETION_INDEX)
-    return int(value) if value not in (None, "") else None
+    if value in (None, ""):
+        return None
+    if not value.isdigit():
+        raise BadInputError(f"JOB_COMPLETION_INDEX = {value!r} is not a pod index (a whole number >= 0); "
+                            "Kubernetes sets it in Indexed Jobs: do not set it by hand")
+    return int(value)
 
 
 def tf_config() -> dict | None:
@@ -51,10 +56,9 @@ def in_cluster() -> bool:
 
 def worker_index() -> int:
     """This process's rank: TF_CONFIG's task index, else the Indexed Job's index, else 0."""
-    tf_config = os.environ.get(_TF_CONFIG)
-    if tf_config:
-        task = json.loads(tf_config).get("task", {})
-        return int(task.get("index", 0))
+    parsed = tf_config()
+    if parsed:
+        return int(parsed.get("task", {}).get("index", 0))
     index = completion_index()
     return index if index is not None else 0
 

@@ -20,7 +20,7 @@ import yaml
 from pneumonia import cluster, storage
 from pneumonia.config import CLASS_NAMES, PipelineConfig, TrainConfig
 from pneumonia.data import pipeline
-from pneumonia.errors import EXIT_PREEMPTED, BadInputError, ConfigError
+from pneumonia.errors import EXIT_PREEMPTED, BadInputError, ConfigError, UpstreamMissingError
 from pneumonia.layout import CONFIG_NAME, Layout
 from pneumonia.logs import get_logger
 from pneumonia.model import zoo
@@ -242,6 +242,13 @@ def _finish(model: keras.Model, config: PipelineConfig, layout: Layout, spec: cl
     log.info("training finished", weights_sha256=checksum, is_chief=spec.is_chief, epochs=len(history.epochs))
     _export(model, layout.model(run_id), spec.is_chief)
     if not spec.is_chief:
+        # Leave only once the chief has written the run: a chief that fails before that is
+        # retried, and its retry must find this worker's pod still there to form the cluster.
+        try:
+            storage.wait_for(layout.run_marker(run_id), config.cluster.peer_wait_timeout_s,
+                             what="the chief's run marker", poll_s=1.0)
+        except UpstreamMissingError as missing:
+            raise RuntimeError(f"the chief did not finish the run: {missing}") from None
         return {"weights_sha256": checksum}
     history.write(complete=True)
     best_path = best.destination
