@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -229,3 +230,15 @@ def test_undefined_auc_and_kappa_are_null_not_nan():
 def test_training_curves_tolerate_missing_keys(history):
     png = report.plot_training_curves(history)
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_shards_rewritten_since_training_are_refused(trained_run, tmp_path):
+    # Another split would put training images into this test set: evaluate must not score it.
+    shutil.copytree(Path(trained_run.config.data.root), tmp_path / "data")
+    config = trained_run.config.replace(data=dataclasses.replace(trained_run.config.data, root=str(tmp_path / "data")))
+    marker_path = tmp_path / "data" / "runs" / RUN_ID / "_SUCCESS.json"
+    marker = json.loads(marker_path.read_text())
+    marker["inputs"] = {"shards_fingerprint": "from-another-split"}
+    marker_path.write_text(json.dumps(marker))
+    with pytest.raises(BadInputError, match=f"changed since run {RUN_ID} trained"):
+        evaluate.run(config)

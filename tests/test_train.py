@@ -55,9 +55,10 @@ def build_shards(root: Path, num_images: int = 96) -> None:
 
 
 def copy_shards(source: Path, root: str) -> None:
-    """The built splits/ and processed/ into `root` (a folder or gs://), so each test owns its runs/."""
-    for folder in ("splits", "processed"):
-        for path in sorted((source / folder).rglob("*")):
+    """The built splits/, processed/ and the preprocess marker into `root` (a folder or gs://), so each
+    test owns its runs/ (the trainer checks the marker's split config against its own)."""
+    for folder in ("splits", "processed", "interim/_SUCCESS.json"):
+        for path in sorted((source / folder).rglob("*")) if (source / folder).is_dir() else [source / folder]:
             if path.is_file():
                 target = f"{root}/{path.relative_to(source).as_posix()}"
                 tf.io.gfile.makedirs(target.rpartition("/")[0]) if not root.startswith("gs://") else None
@@ -336,3 +337,15 @@ def test_missing_shards_exit_2_at_once(tmp_path: Path):
     assert result.returncode == 2
     assert "shard" in result.stderr and "_SUCCESS.json" in result.stderr
     assert not (tmp_path / "runs" / "noshards" / "_SUCCESS.json").exists()
+
+
+def test_inputs_from_another_split_are_refused(data_root: str):
+    # interim/ and the shards of an earlier config stay in place until the upstream stages redo
+    # them; training must not take them for this config's split.
+    with pytest.raises(BadInputError, match="interim/ was split with"):
+        fit.run(tiny_config(data_root, "other-seed", "split.seed=7"))
+    manifest = Path(data_root) / "splits" / "split.json"
+    manifest.write_text(manifest.read_text() + "\n")  # same rows, other bytes: not what was sharded
+    with pytest.raises(BadInputError, match="written from another split manifest"):
+        fit.run(tiny_config(data_root, "other-manifest"))
+    assert not (Path(data_root) / "runs" / "other-seed").exists()

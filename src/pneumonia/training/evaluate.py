@@ -109,6 +109,11 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     size_dir = run_config.shard.size_dir
     processed_dir = layout.processed(size_dir)
     marker = pipeline.verify_shards(processed_dir, ("test",))
+    trained_on = storage.read_json(layout.run_marker(run_id)).get("inputs", {}).get("shards_fingerprint")
+    if trained_on and trained_on != marker.get("fingerprint"):
+        raise BadInputError(f"the shards in {processed_dir} changed since run {run_id} trained (another split or "
+                            "shard config): its test set may overlap what it trained on. Evaluate a run trained "
+                            "on these shards, or reshard with the run's config")
     test_shards = pipeline.shard_paths(processed_dir, "test", marker)
     weights_path = checkpoint_path(run_dir)
     fingerprint = _fingerprint(weights_path, marker)

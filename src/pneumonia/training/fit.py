@@ -7,9 +7,12 @@ at the epoch (or step) where it stopped, across the warmup -> fine-tune switch t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,6 +128,38 @@ def validation_dataset(processed_dir: str, global_batch: int, config: PipelineCo
     return dataset.with_options(options)
 
 
+def wait_for_current_inputs(layout: Layout, config: PipelineConfig, poll_s: float = 10.0) -> tuple[dict, bytes]:
+    """The shards' marker and the split manifest, once both come from this config's split.
+
+    An existing marker is not enough: after a config change (kubectl apply with a new split.seed,
+    say) the old interim/ and shards stay in place until the upstream stages redo them, and
+    training on them would mix two splits. Waits (bounded) while they lag; exit 2 past the wait.
+    """
+    timeout_s = config.cluster.upstream_wait_timeout_s
+    deadline = time.monotonic() + timeout_s
+    processed_dir = layout.processed(config.shard.size_dir)
+    for path, what in ((layout.interim_marker, "the preprocess marker"), (layout.split_manifest, "the split manifest"),
+                       (layout.processed_marker(config.shard.size_dir), "the shards")):
+        storage.wait_for(path, max(0.0, deadline - time.monotonic()), what=what)
+    while True:
+        interim_split = storage.read_json(layout.interim_marker).get("config", {}).get("split")
+        manifest_bytes = storage.read_bytes(layout.split_manifest)
+        marker = pipeline.read_marker(processed_dir)
+        problems = []
+        if interim_split != dataclasses.asdict(config.split):
+            problems.append(f"interim/ was split with {interim_split}, this config has "
+                            f"{dataclasses.asdict(config.split)} (rerun preprocess)")
+        manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
+        if marker.get("split_manifest", {}).get("sha256") != manifest_sha256:
+            problems.append(f"the shards in {processed_dir} were written from another split manifest (rerun shard)")
+        if not problems:
+            return marker, manifest_bytes
+        if time.monotonic() >= deadline:
+            raise BadInputError("the training inputs do not match this config: " + "; ".join(problems))
+        log.info("waiting for upstream stages to catch up with this config", problems=problems)
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+
+
 def comparable_config(tree: dict[str, Any]) -> dict[str, Any]:
     """The config without the keys a resume may change (they steer one process, not the run)."""
     tree = {section: dict(values) for section, values in tree.items()}
@@ -154,10 +189,8 @@ def run(config: PipelineConfig) -> dict[str, Any] | None:
 
     size_dir = config.shard.size_dir
     processed_dir = layout.processed(size_dir)
-    storage.wait_for(layout.processed_marker(size_dir), config.cluster.upstream_wait_timeout_s, what="the shards")
-    storage.wait_for(layout.split_manifest, config.cluster.upstream_wait_timeout_s, what="the split manifest")
-    marker = pipeline.read_marker(processed_dir)
-    manifest = storage.read_json(layout.split_manifest)
+    marker, manifest_bytes = wait_for_current_inputs(layout, config)
+    manifest = json.loads(manifest_bytes)
 
     num_replicas = strategy.num_replicas_in_sync
     global_batch, per_replica_batch = resolve_global_batch(config.train, num_replicas)
@@ -180,6 +213,9 @@ def run(config: PipelineConfig) -> dict[str, Any] | None:
         "per_replica_batch_size": per_replica_batch, "steps_per_epoch": steps, "epochs_planned": config.train.epochs,
         "phases": [dataclasses.asdict(phase) for phase in phases], "class_weights": weights,
         "monitor": MONITOR, "input_shape": list(input_shape),
+        # What the run trained on: evaluate refuses test shards from another split.
+        "inputs": {"split_manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+                   "shards_fingerprint": marker.get("fingerprint")},
     }
     log.info("training plan", **{k: v for k, v in meta.items() if k != "phases"},
              phases=[f"{p.name}:{p.start_epoch}-{p.end_epoch}@{p.learning_rate:g}" for p in phases],
@@ -271,6 +307,7 @@ def _finish(model: keras.Model, config: PipelineConfig, layout: Layout, spec: cl
         "num_workers": spec.num_workers,
         "num_replicas": history.meta["num_replicas"],
         "global_batch_size": history.meta["global_batch_size"],
+        "inputs": history.meta["inputs"],
     }
     storage.write_json(layout.run_marker(run_id), done)
     # After the marker: a crash before it must still find the backup and not retrain from zero.
