@@ -11,6 +11,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from data_helpers import config_for, jpeg_bytes, make_demo_archive, minimal_entries, write_zip
 
@@ -201,3 +202,91 @@ def test_entrypoint_exits_2_with_the_reason_on_stderr(tmp_path, case, expected):
     assert done.returncode == 2
     assert str(archive) in done.stderr and expected in done.stderr
     _assert_nothing_done(tmp_path / "data")
+
+
+def _pil_bytes(image_format: str, mode: str, seed: int) -> bytes:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (30, 40), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def test_images_the_shard_stage_cannot_decode_are_dropped_and_shard_then_succeeds(tmp_path):
+    """PIL reads a CMYK JPEG, a GIF and a 1-bit BMP; TensorFlow (the shard stage) does not: skip them here."""
+    from pneumonia.data import shard
+
+    entries = minimal_entries()
+    unreadable = {
+        "chest_xray/train/NORMAL/IM-0810-0001.jpeg": _pil_bytes("JPEG", "CMYK", 1),
+        "chest_xray/train/NORMAL/IM-0811-0001.gif": _pil_bytes("GIF", "L", 2),
+        "chest_xray/train/NORMAL/IM-0812-0001.bmp": _pil_bytes("BMP", "1", 3),
+    }
+    entries.update(unreadable)
+    entries["chest_xray/train/NORMAL/IM-0813-0001.png"] = _pil_bytes("PNG", "L", 4)  # fine
+    archive = write_zip(tmp_path / "in.zip", entries)
+    config = config_for(tmp_path / "data", archive, "shard.image_height=32", "shard.image_width=32",
+                        "shard.min_shards_per_split=1", "shard.encoding=png")
+    marker = run(config)
+    reasons = {item["entry"]: item["reason"] for item in marker["dropped"]}
+    assert set(reasons) == set(unreadable)
+    assert "TensorFlow cannot decode it as the shard stage does" in reasons["chest_xray/train/NORMAL/IM-0810-0001.jpeg"]
+    assert "unsupported image format GIF" in reasons["chest_xray/train/NORMAL/IM-0811-0001.gif"]
+    assert "unsupported image format BMP" in reasons["chest_xray/train/NORMAL/IM-0812-0001.bmp"]
+    assert marker["num_images"] == len(minimal_entries()) + 1
+
+    sharded = shard.run(config)  # every kept file decodes there
+    manifest = json.loads((tmp_path / "data" / "splits" / "split.json").read_text())
+    expected = sum(1 for row in manifest["rows"] if row["split"] != "unused")
+    assert sum(total["num_records"] for total in sharded["splits"].values()) == expected
+
+
+def test_check_image_runs_the_shard_stage_decode():
+    assert archive_lib.check_image(_pil_bytes("PNG", "L", 5)) is None
+    assert archive_lib.check_image(_pil_bytes("JPEG", "RGB", 6)) is None
+    reason = archive_lib.check_image(_pil_bytes("JPEG", "CMYK", 7))
+    assert "TensorFlow cannot decode" in reason and "channels=1" in reason
+
+
+def test_decompression_bombs_are_dropped(monkeypatch):
+    from PIL import Image
+
+    assert Image.MAX_IMAGE_PIXELS == archive_lib.MAX_IMAGE_PIXELS <= 100_000_000
+    image = jpeg_bytes(width=30, height=20)  # 600 pixels
+    monkeypatch.setattr(archive_lib, "MAX_IMAGE_PIXELS", 500)  # the explicit check (PIL only warns here)
+    assert "image too large to decode safely: 30x20 = 600 pixels" in archive_lib.check_image(image)
+    monkeypatch.setattr(archive_lib, "MAX_IMAGE_PIXELS", 10**9)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 250)  # PIL's own DecompressionBombError (past 2x)
+    assert "image too large to decode safely" in archive_lib.check_image(image)
+
+
+def test_entry_over_max_entry_bytes_is_refused_by_its_declared_size(tmp_path):
+    entries = minimal_entries()
+    entries["chest_xray/train/NORMAL/IM-0998-0001.jpeg"] = jpeg_bytes(width=160, height=160, seed=998)
+    archive = write_zip(tmp_path / "big-entry.zip", entries)
+    error = _run_expecting(tmp_path, archive, "entry chest_xray/train/NORMAL/IM-0998-0001.jpeg declares",
+                           "data.max_entry_bytes=8000")
+    assert "data.max_entry_bytes=8000" in str(error)
+
+
+def test_inflate_budget_caps_each_entry_on_the_bytes_really_inflated(tmp_path):
+    archive = write_zip(tmp_path / "in.zip", {"chest_xray/train/NORMAL/IM-0001-0001.jpeg": b"\0" * 50_000})
+    limits = DataConfig(max_entry_bytes=20_000, max_compression_ratio=1e9)
+    with zipfile.ZipFile(archive) as zipped:
+        with pytest.raises(BadInputError, match="IM-0001-0001.jpeg inflated past data.max_entry_bytes=20000"):
+            archive_lib.InflateBudget(limits, str(archive)).read(zipped, zipped.infolist()[0])
+
+    class TrustsTheData:
+        """A reader that inflates what the data holds whatever the header says (as a lying header wants)."""
+
+        def open(self, info):
+            return io.BytesIO(b"\0" * 50_000)
+
+    liar = zipfile.ZipInfo("chest_xray/train/NORMAL/IM-0002-0001.jpeg")
+    liar.file_size = liar.compress_size = 100  # passes every declared-size check
+    budget = archive_lib.InflateBudget(limits, "liar.zip")
+    with pytest.raises(BadInputError, match=r"IM-0002-0001.jpeg inflated past data.max_entry_bytes=20000 "
+                                            r"\(its header declares 100 bytes\)"):
+        budget.read(TrustsTheData(), liar)
+    assert budget.num_bytes <= 20_000 + 1024 * 1024  # stopped within one read chunk of the cap

@@ -16,6 +16,7 @@ def test_defaults_are_valid():
     config = load_config()
     assert config == PipelineConfig().validate()
     assert config.split.mode == "official"
+    assert config.data.max_entry_bytes == 256 * 1024**2
 
 
 def test_yaml_overrides_defaults_and_keeps_the_rest(tmp_path):
@@ -51,6 +52,7 @@ def test_set_overrides_win_over_yaml_and_parse_types(tmp_path):
      ["split.val_fraction + split.test_fraction", "1.1"]),
     (["shard.image_height=-64"], ["shard.image_height", "-64"]),
     (["data.max_uncompressed_bytes=-1"], ["data.max_uncompressed_bytes", "-1"]),
+    (["data.max_entry_bytes=0"], ["data.max_entry_bytes", "0"]),
     (["split.mode=random"], ["split.mode", "random"]),
     (["seed=1"], ["section.key=value"]),
 ])

@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from data_helpers import config_for, make_demo_archive
+from data_helpers import config_for, make_demo_archive, minimal_entries, write_zip
 
 from pneumonia.config import CLASS_NAMES, load_config
 from pneumonia.data.preprocess import run
+from pneumonia.errors import BadInputError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,6 +88,25 @@ def test_rerun_with_same_input_does_nothing_and_changed_config_redoes(tmp_path, 
     assert not planted.exists()  # redone from a clean interim/, never mixed
     assert marker["config"]["split"]["seed"] == 7
     assert _manifest(root)["seed"] == 7
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for folder in ("interim", "splits") for p in sorted((root / folder).rglob("*")) if p.is_file()}
+
+
+def test_failed_rerun_keeps_the_previous_good_output(tmp_path, demo_archive):
+    root = tmp_path / "data"
+    marker = run(config_for(root, demo_archive))
+    before = _snapshot(root)
+    assert "interim/_SUCCESS.json" in before and "splits/split.json" in before
+    entries = {name: data for name, data in minimal_entries().items() if "virus" not in name}
+    bad = write_zip(tmp_path / "no-virus.zip", entries)
+    with pytest.raises(BadInputError, match="no usable image of class virus"):
+        run(config_for(root, bad))
+    assert _snapshot(root) == before  # interim/, the manifest and the marker, byte for byte
+    assert json.loads((root / "interim" / "_SUCCESS.json").read_text()) == marker
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []  # staging folder gone
 
 
 def test_incomplete_previous_run_is_cleaned(tmp_path, demo_archive):

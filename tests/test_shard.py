@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +46,12 @@ def source_image(class_name: str, seed: int, rgb: bool = False) -> bytes:
 DEFAULT_COUNTS = {"train": (7, 6, 4), "val": (2, 2, 1), "test": (2, 1, 2), "unused": (1, 1, 1)}
 
 
-def make_interim(root: Path, counts: dict[str, tuple[int, int, int]] | None = None, seed: int = 0) -> list[dict]:
+def make_interim(root: Path, counts: dict[str, tuple[int, int, int]] | None = None, seed: int = 0,
+                 *marker_overrides: str) -> list[dict]:
     """interim/<class>/<split>__<name>.jpeg + splits/split.json + interim/_SUCCESS.json per docs/contracts.md.
 
-    Default: 17 train images (uneven over shards), a few val/test ones and 3 `unused` ones.
+    Default: 17 train images (uneven over shards), a few val/test ones and 3 `unused` ones. The marker
+    records the split and data config as preprocess does (defaults plus `marker_overrides`).
     """
     counts = counts or DEFAULT_COUNTS
     rows = []
@@ -64,8 +69,14 @@ def make_interim(root: Path, counts: dict[str, tuple[int, int, int]] | None = No
                              "origin_split": "train", "sha256": hashlib.sha256(data).hexdigest()})
     rows.sort(key=lambda row: row["path"])
     write_manifest(root, rows)
-    (root / "interim" / "_SUCCESS.json").write_text(json.dumps({"num_images": len(rows)}))
+    write_interim_marker(root, len(rows), *marker_overrides)
     return rows
+
+
+def write_interim_marker(root: Path, num_images: int, *marker_overrides: str) -> None:
+    made_with = config_for(root, *marker_overrides)
+    (root / "interim" / "_SUCCESS.json").write_text(json.dumps({"num_images": num_images, "config": {
+        "data": dataclasses.asdict(made_with.data), "split": dataclasses.asdict(made_with.split)}}))
 
 
 def write_manifest(root: Path, rows: list[dict]) -> None:
@@ -341,3 +352,67 @@ def test_shard_and_read_on_gcs(gcs_root: str, tmp_path: Path) -> None:
     local_marker = shard.run(config_for(local, "shard.min_shards_per_split=1"))
     assert [s["sha256"] for s in marker["shards"]] == [s["sha256"] for s in local_marker["shards"]]
     assert shard.run(config) == marker
+
+
+# ------------------------------------------------------------------------------------ review fixes
+
+def test_marker_records_the_manifest_sha256_and_a_recomputable_fingerprint(
+        sharded: tuple[Path, list[dict], dict]) -> None:
+    root, _, marker = sharded
+    on_disk = json.loads((root / "processed" / SIZE_DIR / "_SUCCESS.json").read_text())
+    manifest_sha256 = hashlib.sha256((root / "splits/split.json").read_bytes()).hexdigest()
+    assert on_disk["split_manifest_sha256"] == manifest_sha256 == marker["split_manifest_sha256"]
+    assert on_disk["fingerprint"] == shard.compute_fingerprint(manifest_sha256, config_for(root))
+    assert shard.compute_fingerprint(manifest_sha256, config_for(root, "shard.encoding=jpeg")) != on_disk["fingerprint"]
+    assert shard.compute_fingerprint("0" * 64, config_for(root)) != on_disk["fingerprint"]
+
+
+def test_old_sidecars_with_the_same_names_do_not_count_as_other_workers_shards(tmp_path: Path) -> None:
+    rows = make_interim(tmp_path)
+    shard.run(config_for(tmp_path))  # png, one worker
+    out_dir = tmp_path / "processed" / SIZE_DIR
+    before = {p.name: p.stat().st_mtime_ns for p in out_dir.glob("*.tfrecord")}
+    jpeg = ("shard.encoding=jpeg", "shard.num_workers=2")
+    plans = shard.plan_shards(rows, config_for(tmp_path, *jpeg))
+    assert sorted(plan.name for plan in plans) == sorted(before)  # same names: only the encoding changed
+    mine = {plan.name for position, plan in enumerate(plans) if position % 2 == 0}
+
+    with pytest.raises(TimeoutError, match="still missing"):
+        shard.run(config_for(tmp_path, *jpeg, "shard.index=0", "shard.marker_wait_timeout_s=0"))
+    assert not (out_dir / "_SUCCESS.json").exists()
+    changed = {name for name, stamp in before.items() if (out_dir / name).stat().st_mtime_ns != stamp}
+    assert changed == mine  # worker 1's shards are left to worker 1
+
+    marker = shard.run(config_for(tmp_path, *jpeg, "shard.index=1"))
+    assert marker["written_by_worker"] == 1 and marker["image"]["encoding"] == "jpeg"
+    assert {r.image_format for split in ("train", "val", "test") for r in read_all(out_dir, split)} == {"jpeg"}
+
+
+def test_shard_refuses_an_interim_marker_made_with_another_split_config(tmp_path: Path) -> None:
+    make_interim(tmp_path, {"train": (2, 2, 2)}, 0, "split.seed=1")
+    with pytest.raises(BadInputError, match=r"interim/ was made with split\.seed=1 but this config has split\.seed=2"
+                                            r".*rerun preprocess"):
+        shard.run(config_for(tmp_path, "split.seed=2", "cluster.upstream_wait_timeout_s=0"))
+    assert not (tmp_path / "processed").exists()
+    marker = shard.run(config_for(tmp_path, "split.seed=1", "cluster.upstream_wait_timeout_s=0"))
+    assert marker["splits"]["train"]["num_records"] == 6
+
+    (tmp_path / "interim" / "_SUCCESS.json").write_text(json.dumps({"num_images": 6}))  # records no config
+    with pytest.raises(BadInputError, match=r"split\.seed=<not recorded>"):
+        shard.run(config_for(tmp_path, "split.seed=1"))
+
+
+def test_shard_waits_while_the_interim_marker_is_from_the_old_config(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """kubectl apply after a config change: the old marker is there until preprocess replaces it."""
+    make_interim(tmp_path, {"train": (2, 2, 2)}, 0, "split.mode=pooled")
+    monkeypatch.setattr(shard, "_UPSTREAM_POLL_S", 0.05)
+    replaced = threading.Timer(1.0, write_interim_marker, (tmp_path, 6))  # default split: this config's
+    replaced.start()
+    try:
+        started = time.monotonic()
+        marker = shard.run(config_for(tmp_path, "cluster.upstream_wait_timeout_s=60"))
+    finally:
+        replaced.join()
+    assert time.monotonic() - started >= 1.0
+    assert marker["splits"]["train"]["num_records"] == 6

@@ -30,12 +30,16 @@ class DataConfig:
     max_uncompressed_bytes: int = 8 * 1024**3
     max_compression_ratio: float = 200.0
     max_entries: int = 100_000
+    # One entry's bytes (declared and really inflated): chest X-rays are a few MiB, so this only
+    # stops a single huge entry from being held in memory.
+    max_entry_bytes: int = 256 * 1024**2
 
     def validate(self) -> None:
         _require(bool(self.root), "data.root", self.root, "a local folder or gs://bucket/prefix")
         _require(self.max_uncompressed_bytes > 0, "data.max_uncompressed_bytes", self.max_uncompressed_bytes, "> 0")
         _require(self.max_compression_ratio > 1, "data.max_compression_ratio", self.max_compression_ratio, "> 1")
         _require(self.max_entries > 0, "data.max_entries", self.max_entries, "> 0")
+        _require(self.max_entry_bytes > 0, "data.max_entry_bytes", self.max_entry_bytes, "> 0")
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,20 @@ from PIL import Image, UnidentifiedImageError
 
 from pneumonia import storage
 from pneumonia.config import DataConfig
+from pneumonia.data import imaging
 from pneumonia.errors import BadInputError
 
 ORIGIN_SPLITS = ("train", "test", "val")
-# Formats that tf.io.decode_image reads too, so the shard stage can decode whatever passes here.
-IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF")
+# Formats the shard stage's TensorFlow decoders read at every shard.channels: TF decodes BMP and GIF
+# only to 3 (or 4) channels, so with the default shard.channels=1 they would fail there.
+IMAGE_FORMATS = ("JPEG", "PNG")
+# Chest X-rays are at most ~9 M pixels; anything far larger is a decompression bomb, not a film.
+# PIL warns past MAX_IMAGE_PIXELS and refuses past twice it; check_image refuses past it.
+MAX_IMAGE_PIXELS = 100_000_000
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+# The shard stage's decode is checked at this small size: JPEGs then decode at the smallest DCT scale,
+# through the same TF ops (imaging.load_resized) the shard writer runs.
+_CHECK_SIZE = 16
 _READ_CHUNK = 1024 * 1024
 # On gs:// every GFile read is an HTTP range request; a large buffer turns zipfile's many small reads
 # (header, name, data chunks) into a few big ones when entries are visited in file order.
@@ -146,6 +155,11 @@ def list_entries(archive: zipfile.ZipFile, path: str, limits: DataConfig) -> Lis
         elif isinstance(verdict, Dropped):
             dropped.append(verdict)
         else:
+            if info.file_size > limits.max_entry_bytes:
+                raise BadInputError(f"archive {path}: entry {info.filename} declares {info.file_size} bytes, more "
+                                    f"than data.max_entry_bytes={limits.max_entry_bytes}; no X-ray is that large, "
+                                    "it may be a zip bomb: check the archive's source, or raise data.max_entry_bytes "
+                                    "if it is genuine")
             ratio = info.file_size / max(info.compress_size, 1)
             if ratio > limits.max_compression_ratio:
                 raise BadInputError(f"archive {path}: entry {info.filename} inflates {ratio:.0f}x "
@@ -197,23 +211,31 @@ class InflateBudget:
         self.limits, self.path, self.num_bytes = limits, path, 0
 
     def read(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
-        """The entry's bytes; BadInputError past the limits, zipfile/zlib errors for a damaged entry."""
-        entry_cap = int(max(info.compress_size, 1) * self.limits.max_compression_ratio)
-        chunks, num_read = [], 0
+        """The entry's bytes; BadInputError past the limits, zipfile/zlib errors for a damaged entry.
+
+        The caps apply to the bytes really inflated, whatever the header declares.
+        """
+        ratio_cap = int(max(info.compress_size, 1) * self.limits.max_compression_ratio)
+        buffer, num_read = io.BytesIO(), 0  # getvalue() hands over the buffer: no second copy
         with archive.open(info) as stream:
             while chunk := stream.read(_READ_CHUNK):
                 num_read += len(chunk)
                 self.num_bytes += len(chunk)
-                if num_read > entry_cap:
+                if num_read > self.limits.max_entry_bytes:
                     raise BadInputError(f"archive {self.path}: entry {info.filename} inflated past "
-                                        f"{entry_cap} bytes (data.max_compression_ratio="
+                                        f"data.max_entry_bytes={self.limits.max_entry_bytes} (its header declares "
+                                        f"{info.file_size} bytes); it looks like a zip bomb: check the archive's "
+                                        "source, or raise data.max_entry_bytes if it is genuine")
+                if num_read > ratio_cap:
+                    raise BadInputError(f"archive {self.path}: entry {info.filename} inflated past "
+                                        f"{ratio_cap} bytes (data.max_compression_ratio="
                                         f"{self.limits.max_compression_ratio:g}); it looks like a zip bomb")
                 if self.num_bytes > self.limits.max_uncompressed_bytes:
                     raise BadInputError(f"archive {self.path}: reading {info.filename} took the inflated total past "
                                         f"data.max_uncompressed_bytes={self.limits.max_uncompressed_bytes}; "
                                         "it looks like a zip bomb")
-                chunks.append(chunk)
-        return b"".join(chunks)
+                buffer.write(chunk)
+        return buffer.getvalue()
 
 
 READ_ERRORS: tuple[type[BaseException], ...] = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError,
@@ -221,24 +243,64 @@ READ_ERRORS: tuple[type[BaseException], ...] = (zipfile.BadZipFile, zlib.error, 
 
 
 def check_image(data: bytes) -> str | None:
-    """None when the bytes decode fully as an image; otherwise why not (for the report)."""
+    """None when the bytes decode fully as an image, with PIL and with the shard stage's TF ops; else why not."""
     if not data:
         return "empty file"
     try:
+        # Image.open refuses past 2 x MAX_IMAGE_PIXELS (DecompressionBombError) and only warns past it, so the
+        # size is checked here too, before any pixel is decoded. (No warnings.catch_warnings(): it is not
+        # thread-safe, and this runs in the preprocess writer threads.)
         with Image.open(io.BytesIO(data)) as picture:
+            num_pixels = picture.width * picture.height
+            if num_pixels > MAX_IMAGE_PIXELS:
+                return (f"image too large to decode safely: {picture.width}x{picture.height} = {num_pixels} "
+                        f"pixels, more than {MAX_IMAGE_PIXELS} (a decompression bomb, not an X-ray)")
             picture.verify()
         with Image.open(io.BytesIO(data)) as picture:
             image_format = picture.format
             picture.load()  # verify() skips pixel data; load() catches truncated JPEGs
     except UnidentifiedImageError:
         return "not an image file (no decoder recognises it)"
-    except Image.DecompressionBombError as error:
-        return f"image too large to decode safely: {error}"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        return f"image too large to decode safely (a decompression bomb, not an X-ray): {error}"
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         return f"image does not decode: {error}"
     if image_format not in IMAGE_FORMATS:
-        return f"unsupported image format {image_format} (expected one of {', '.join(IMAGE_FORMATS)})"
+        return (f"unsupported image format {image_format} (expected one of {', '.join(IMAGE_FORMATS)}, which the shard "
+                "stage's TensorFlow decoders read at every shard.channels); convert it to PNG or JPEG")
+    return check_tf_decode(data)
+
+
+def check_tf_decode(data: bytes) -> str | None:
+    """None when the shard stage's own decode (imaging.load_resized, 1 and 3 channels) reads the bytes."""
+    for channels in (1, 3):
+        try:
+            _TF_DECODERS[channels](tf.constant(data, tf.string))
+        except tf.errors.InvalidArgumentError as error:
+            detail = _tf_error_detail(error.message)
+            return (f"TensorFlow cannot decode it as the shard stage does (channels={channels}): {detail}; "
+                    "PIL reads it (a CMYK JPEG or an unusual variant?): convert it to a grayscale PNG or JPEG")
     return None
+
+
+def _tf_error_detail(message: str) -> str:
+    """The op's own words from a graph-mode error (without the traceback and node names)."""
+    for line in message.splitlines():
+        line = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\]", "", line).strip(" \t[]")
+        if line and not line.startswith(("Graph execution error", "Detected at node", "File ")):
+            return line.rstrip(".")
+    return "decode failed"
+
+
+def _tf_decoder(channels: int):  # noqa: ANN202
+    @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
+    def decode(data: tf.Tensor) -> tf.Tensor:
+        return imaging.load_resized(data, _CHECK_SIZE, _CHECK_SIZE, channels)[0]
+
+    return decode
+
+
+_TF_DECODERS = {channels: _tf_decoder(channels) for channels in (1, 3)}
 
 
 def describe(error: Any) -> str:

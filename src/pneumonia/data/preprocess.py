@@ -1,7 +1,8 @@
 """The preprocess stage: archive -> interim/<class>/<origin split>__<name> + splits/split.json + marker.
 
 Idempotent: the marker records the archive's sha256 and the config that shapes the output; the same
-pair again does nothing, a different one removes interim/ and splits/ and rebuilds them (never mixed).
+pair again does nothing, a different one rebuilds interim/ and splits/ from scratch (never mixed).
+Locally the old outputs are replaced only once the new ones are complete (a failed rerun keeps them).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ log = get_logger(__name__)
 PREPROCESS_VERSION = 1
 _STAGING_PREFIX = ".preprocess-tmp-"
 _NUM_WRITERS = 8  # decode checks and (on gs://) uploads overlap; the zip itself is read by one thread
+# Bytes of read entries waiting for a writer thread; with data.max_entry_bytes this bounds the memory held.
+_MAX_PENDING_BYTES = 512 * 1024**2
 
 
 def run(config: PipelineConfig) -> dict[str, Any]:
@@ -44,13 +47,18 @@ def run(config: PipelineConfig) -> dict[str, Any]:
 
     log.info("preprocess start", archive=archive_path, root=layout.root, mode=config.split.mode)
     local = not storage.is_gcs(layout.root)
-    # Locally build in a sibling temp folder and rename it into place; gs:// has no folder rename, so
-    # files go straight to their place and the marker, written last, is what makes them count.
+    # Locally everything is built in a sibling temp folder, and the old outputs are only replaced once
+    # the new ones are complete, so a failed rerun (bad archive) leaves the previous good output intact.
+    # gs:// has no folder rename: the old outputs are removed first (marker first) and files go straight
+    # to their place; the marker, written last, is what makes them count.
     staging = storage.join(layout.root, f"{_STAGING_PREFIX}{uuid.uuid4().hex[:12]}") if local else layout.root
     with archive_lib.open_archive(archive_path) as zipped:
         # Not a zip, too many entries, a declared bomb: fail before the old outputs are touched.
         listing = archive_lib.list_entries(zipped, archive_path, config.data)
-        _clean(layout)
+        if local:
+            _remove_leftover_staging(layout)
+        else:
+            _clean(layout)
         try:
             rows, dropped, num_duplicates = _extract(zipped, archive_path, listing, config, staging)
             _check_layout(archive_path, listing, rows, dropped)
@@ -59,6 +67,7 @@ def run(config: PipelineConfig) -> dict[str, Any]:
             storage.write_json(storage.join(staging, "splits", "split.json"), manifest)
             storage.write_text(storage.join(staging, "interim", CONFIG_NAME), config.to_yaml())
             if local:
+                _clean(layout)
                 _publish_local(staging, layout)
         finally:
             if local:
@@ -128,10 +137,15 @@ def _clean(layout: Layout) -> None:
     storage.remove(layout.interim_marker)
     storage.remove_tree(layout.interim)
     storage.remove_tree(storage.join(layout.root, "splits"))
-    if not storage.is_gcs(layout.root):
-        for name in storage.listdir(layout.root):
-            if name.startswith(_STAGING_PREFIX):  # left by a crashed run
-                storage.remove_tree(storage.join(layout.root, name))
+
+
+def _remove_leftover_staging(layout: Layout) -> None:
+    """Local only: staging folders left by a crashed run (this run's own is created later)."""
+    if not storage.exists(layout.root):
+        return
+    for name in storage.listdir(layout.root):
+        if name.startswith(_STAGING_PREFIX):
+            storage.remove_tree(storage.join(layout.root, name))
 
 
 def _publish_local(staging: str, layout: Layout) -> None:
@@ -162,7 +176,11 @@ def _extract(zipped: Any, archive_path: str, listing: archive_lib.Listing, confi
 
     pending: collections.deque = collections.deque()
 
-    def collect(future: concurrent.futures.Future) -> None:
+    pending_bytes = 0
+
+    def collect(future: concurrent.futures.Future, num_bytes: int) -> None:
+        nonlocal pending_bytes
+        pending_bytes -= num_bytes
         candidate, row, problem = future.result()
         if problem is None:
             rows.append(row)
@@ -199,11 +217,14 @@ def _extract(zipped: Any, archive_path: str, listing: archive_lib.Listing, confi
                 patient = candidate.base_name.rsplit(".", 1)[0]  # its own patient: never merged by a guess
             row = {"path": path, "class": candidate.class_name, "label": CLASS_NAMES.index(candidate.class_name),
                    "patient": patient, "split": "", "origin_split": candidate.origin_split, "sha256": digest}
-            pending.append(pool.submit(check_and_write, candidate, data, row))
-            while len(pending) > 4 * _NUM_WRITERS:  # bounds the bytes held in memory
-                collect(pending.popleft())
+            pending.append((pool.submit(check_and_write, candidate, data, row), len(data)))
+            pending_bytes += len(data)
+            del data  # the queued task holds the only reference
+            # Bounds the bytes held in memory, in entries and in bytes (a few large entries).
+            while pending and (len(pending) > 4 * _NUM_WRITERS or pending_bytes > _MAX_PENDING_BYTES):
+                collect(*pending.popleft())
         while pending:
-            collect(pending.popleft())
+            collect(*pending.popleft())
     if num_unparsed:
         log.warning("patient id not parsed from some names; each such image is its own patient",
                     num_images=num_unparsed)

@@ -7,6 +7,7 @@ all complete runs the round-trip check and writes processed/<H>x<W>x<C>/_SUCCESS
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -28,6 +29,7 @@ log = get_logger(__name__)
 SPLITS = ("train", "val", "test")  # `unused` rows are never sharded
 MARKER_VERSION = 1
 POLL_S = 1.0
+_UPSTREAM_POLL_S = 10.0  # as storage.wait_for: the interim marker changes once per preprocess run
 # Metadata (paths, ids, framing) per record on top of the pixels; only used to size shards.
 _RECORD_OVERHEAD_BYTES = 256
 
@@ -49,24 +51,24 @@ class ShardPlan:
 def run(config: PipelineConfig) -> dict[str, Any]:
     """The stage body (jobs/shard.py); returns the marker."""
     layout = Layout.of(config)
-    storage.wait_for(layout.interim_marker, config.cluster.upstream_wait_timeout_s,
-                     what="the preprocess stage's marker (interim/_SUCCESS.json)")
+    wait_for_interim(layout, config)
     manifest_bytes = _read_manifest_bytes(layout.split_manifest)
     manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
     rows = validate_manifest(manifest_bytes, layout.split_manifest)
     plans = plan_shards(rows, config)
     out_dir = layout.processed(config.shard.size_dir)
     marker_path = storage.join(out_dir, MARKER_NAME)
-    fingerprint = _fingerprint(manifest_sha256, config)
+    fingerprint = compute_fingerprint(manifest_sha256, config)
 
     if storage.exists(marker_path):
         marker = storage.read_json(marker_path)
-        if marker.get("fingerprint") == fingerprint:
+        # A marker from before split_manifest_sha256 was recorded is rewritten (its shards are kept).
+        if marker.get("fingerprint") == fingerprint and marker.get("split_manifest_sha256") == manifest_sha256:
             _verify_against_marker(out_dir, marker)
             log.info("already done", marker=marker_path, num_shards=len(marker["shards"]))
             return marker
         log.warning("marker is from another manifest or shard config; redoing", marker=marker_path)
-        _remove_if_stale(marker_path, fingerprint)
+        _remove_if_stale(marker_path, fingerprint, manifest_sha256)
 
     index = _worker_index(config)
     num_workers = config.shard.num_workers
@@ -86,6 +88,70 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     log.info("my shards done", num_images=written, seconds=round(elapsed, 2),
              images_per_s=round(written / elapsed, 1) if written and elapsed else None)
     return _finish(out_dir, plans, config, fingerprint, manifest_sha256, rows, index)
+
+
+# ---------------------------------------------------------------------------------------- upstream
+
+def interim_settings(config: PipelineConfig) -> dict[str, Any]:
+    """What the interim marker must record for this config: `split` and `data` as preprocess stores them,
+    less data.root and data.archive (a copied or moved data folder, or the archive's path, change no output)."""
+    data = dataclasses.asdict(config.data)
+    del data["root"], data["archive"]
+    return json.loads(json.dumps({"split": dataclasses.asdict(config.split), "data": data}))
+
+
+def _interim_mismatches(marker: Any, expected: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, marker's value, this config's value) for every setting that differs."""
+    recorded = marker.get("config") if isinstance(marker, dict) else None
+    recorded = recorded if isinstance(recorded, dict) else {}
+    missing = "<not recorded>"
+    found = []
+    for section, values in expected.items():
+        theirs = recorded.get(section) if isinstance(recorded.get(section), dict) else {}
+        for key, value in values.items():
+            if theirs.get(key, missing) != value:
+                found.append((f"{section}.{key}", theirs.get(key, missing), value))
+    return found
+
+
+def wait_for_interim(layout: Layout, config: PipelineConfig) -> dict[str, Any]:
+    """Waits (bounded by cluster.upstream_wait_timeout_s) for an interim marker made with this config's
+    split and data settings; returns it.
+
+    An old marker is what `kubectl apply` after a config change shows while preprocess still hashes
+    the archive: sharding against it would call old shards done and train on the old split. Past the
+    timeout a marker that still does not match is bad input (exit 2) naming the settings.
+    """
+    timeout_s = config.cluster.upstream_wait_timeout_s
+    deadline = time.monotonic() + timeout_s
+    storage.wait_for(layout.interim_marker, timeout_s, what="the preprocess stage's marker (interim/_SUCCESS.json)")
+    expected = interim_settings(config)
+    next_log = 0.0
+    while True:
+        try:
+            marker = storage.read_json(layout.interim_marker)
+        except (ValueError, tf.errors.NotFoundError):
+            marker = None  # being replaced by a preprocess run right now
+        mismatches = _interim_mismatches(marker, expected) if marker is not None else None
+        if mismatches == []:
+            return marker
+        now = time.monotonic()
+        if now >= deadline:
+            if mismatches is None:
+                storage.wait_for(layout.interim_marker, 0, what="the preprocess stage's marker "
+                                 "(interim/_SUCCESS.json)")
+                raise BadInputError(f"{layout.interim_marker} cannot be read; rerun the preprocess stage")
+            shown = ", ".join(f"{key}={theirs}" for key, theirs, _ in mismatches[:3])
+            wanted = ", ".join(f"{key}={ours}" for key, _, ours in mismatches[:3])
+            more = f" (and {len(mismatches) - 3} more)" if len(mismatches) > 3 else ""
+            raise BadInputError(f"interim/ was made with {shown} but this config has {wanted}{more} "
+                                f"({layout.interim_marker}); rerun preprocess with this config (or raise "
+                                "cluster.upstream_wait_timeout_s if it is running now)")
+        if now >= next_log:
+            log.info("waiting for an interim marker made with this config", marker=layout.interim_marker,
+                     differing=[key for key, _, _ in mismatches or []], seconds_left=round(deadline - now))
+            next_log = now + 60.0
+        time.sleep(min(_UPSTREAM_POLL_S, max(0.0, deadline - now)))
 
 
 # ---------------------------------------------------------------------------------------- manifest
@@ -188,7 +254,13 @@ def _output_settings(config: PipelineConfig) -> dict[str, Any]:
             "cluster_num_workers": config.cluster.num_workers, "split_seed": config.split.seed}
 
 
-def _fingerprint(manifest_sha256: str, config: PipelineConfig) -> str:
+def compute_fingerprint(manifest_sha256: str, config: PipelineConfig) -> str:
+    """The shard set's identity, stored as the marker's top-level "fingerprint" (and in every sidecar).
+
+    `manifest_sha256` is the sha256 hex digest of splits/split.json's bytes (the marker's
+    "split_manifest_sha256"); a reader (the trainer) recomputes this from the manifest and its config
+    and compares it to the marker's to know the shards match both.
+    """
     payload = json.dumps({"manifest_sha256": manifest_sha256, **_output_settings(config)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -288,28 +360,36 @@ def _finish(out_dir: str, plans: list[ShardPlan], config: PipelineConfig, finger
     marker_path = storage.join(out_dir, MARKER_NAME)
     timeout_s = config.shard.marker_wait_timeout_s
     deadline = time.monotonic() + timeout_s
-    sidecar_names = {tfrecords.sidecar_name(plan.name) for plan in plans}
+    # A shard counts as present only with a sidecar of this fingerprint: after a settings change that
+    # keeps the shard names (png -> jpeg), the old sidecars must not pass for the other workers' shards.
+    # A sidecar once matching stays so (it is only ever rewritten for the same fingerprint), so each is
+    # read once it appears, not on every pass.
+    confirmed: set[str] = set()
     next_log = 0.0
     while True:
         if storage.exists(marker_path):
             marker = storage.read_json(marker_path)
-            if marker.get("fingerprint") == fingerprint:
+            if marker.get("fingerprint") == fingerprint and marker.get("split_manifest_sha256") == manifest_sha256:
                 log.info("marker written by another worker", marker=marker_path)
                 return marker
         present = set(storage.listdir(out_dir))
-        if sidecar_names <= present:
+        for plan in plans:
+            if (plan.name not in confirmed and tfrecords.sidecar_name(plan.name) in present
+                    and _read_sidecar(out_dir, plan, fingerprint) is not None):
+                confirmed.add(plan.name)
+        missing = sorted(plan.name for plan in plans if plan.name not in confirmed)
+        if not missing:
             marker = _write_marker(out_dir, plans, config, fingerprint, manifest_sha256, rows, index)
             if marker is not None:
                 return marker
             continue  # another worker won the race: its marker is read on the next pass
         now = time.monotonic()
         if now >= deadline:
-            missing = sorted(plan.name for plan in plans if tfrecords.sidecar_name(plan.name) not in present)
             raise TimeoutError(f"waited {timeout_s} s for other shard workers; still missing {len(missing)} shards, "
                                f"e.g. {', '.join(missing[:3])} (raise shard.marker_wait_timeout_s or check the "
                                "other workers)")
         if now >= next_log:
-            log.info("waiting for other workers' shards", num_missing=len(sidecar_names - present),
+            log.info("waiting for other workers' shards", num_missing=len(missing),
                      seconds_left=round(deadline - now))
             next_log = now + 60.0
         time.sleep(POLL_S)
@@ -343,7 +423,8 @@ def _write_marker(out_dir: str, plans: list[ShardPlan], config: PipelineConfig, 
     layout = Layout.of(config)
     marker = {
         "version": MARKER_VERSION,
-        "fingerprint": fingerprint,
+        "fingerprint": fingerprint,  # compute_fingerprint(split_manifest_sha256, config)
+        "split_manifest_sha256": manifest_sha256,
         "split_manifest": {"path": layout.split_manifest, "sha256": manifest_sha256},
         "image": {"height": config.shard.image_height, "width": config.shard.image_width,
                   "channels": config.shard.channels, "encoding": config.shard.encoding},
@@ -360,9 +441,7 @@ def _write_marker(out_dir: str, plans: list[ShardPlan], config: PipelineConfig, 
         log.info("marker written", marker=marker_path, num_shards=len(shards),
                  num_records={split: total["num_records"] for split, total in splits.items()})
         return marker
-    existing = storage.read_json(marker_path)
-    if existing.get("fingerprint") != fingerprint:
-        _remove_if_stale(marker_path, fingerprint)
+    _remove_if_stale(marker_path, fingerprint, manifest_sha256)
     return None
 
 
@@ -377,10 +456,11 @@ def _remove_stale_files(out_dir: str, keep: set[str]) -> None:
             _remove_quietly(storage.join(out_dir, name))
 
 
-def _remove_if_stale(marker_path: str, fingerprint: str) -> None:
+def _remove_if_stale(marker_path: str, fingerprint: str, manifest_sha256: str) -> None:
     # Re-read just before removing, so a fresh marker another worker just wrote is never deleted.
     try:
-        if storage.read_json(marker_path).get("fingerprint") != fingerprint:
+        marker = storage.read_json(marker_path)
+        if marker.get("fingerprint") != fingerprint or marker.get("split_manifest_sha256") != manifest_sha256:
             _remove_quietly(marker_path)
     except tf.errors.NotFoundError:
         pass
