@@ -253,6 +253,53 @@ def test_a_running_job_of_another_run_blocks_the_launch(client: ln.KubeClient, s
     assert posts(server) == ["jobs:pneumonia-train"]  # only the test's own Job
 
 
+def start_run_elsewhere(client: ln.KubeClient, config: PipelineConfig) -> dict[str, Any]:
+    """What an earlier launcher of the run left: its ConfigMap applied and its preprocess Job running."""
+    objects = mf.build_manifests(mf.load_manifests(), config)
+    configmap = next(obj for obj in objects if obj["kind"] == "ConfigMap")
+    client.apply(configmap)
+    client.create_job(mf.stage_jobs(objects)["preprocess"])
+    return configmap
+
+
+def test_attaching_with_other_flags_is_refused_and_leaves_the_live_configmap_alone(
+        client: ln.KubeClient, server: EmulatorThread, tmp_path: Path) -> None:
+    live = start_run_elsewhere(client, run_config(tmp_path))
+    config = run_config(tmp_path, num_workers=3)  # same run id, different --workers
+    out = io.StringIO()
+    options = Controller(client, server, {}).options()  # bounded even if it wrongly attached
+    status = ln.Launcher(client, mf.build_manifests(mf.load_manifests(), config), config, options, out).run()
+
+    text = out.getvalue()
+    assert status == 2, text
+    assert f"run {RUN_ID} is already running with a different config" in text
+    assert "cluster.num_workers: 2 running, 3 requested" in text
+    assert "same flags" in text and "--run-id" in text
+    assert "shard.num_workers" not in text  # only the keys that differ
+    stored = client.read_config_map("pneumonia-config").data[mf.CONFIG_MAP_KEY]
+    assert stored == live["data"][mf.CONFIG_MAP_KEY]
+    assert [m for m, path, *_ in server.emulator.calls if "/configmaps" in path and m in ("PATCH", "PUT")] == []
+    assert posts(server) == ["configmaps:pneumonia-config", "jobs:pneumonia-preprocess"]  # the test's own
+
+
+def test_attaching_with_the_same_flags_follows_the_running_jobs(
+        client: ln.KubeClient, server: EmulatorThread, tmp_path: Path) -> None:
+    config = run_config(tmp_path)
+    start_run_elsewhere(client, config)
+    controller = Controller(client, server, happy_script())
+    out = io.StringIO()
+    status = ln.Launcher(client, mf.build_manifests(mf.load_manifests(), config), config,
+                         controller.options(), out).run()
+
+    text = out.getvalue()
+    assert status == ln.EXIT_OK, text
+    assert f"[preprocess] following the existing Job pneumonia-preprocess of run {RUN_ID}" in text
+    assert "different config" not in text
+    assert posts(server)[:2] == ["configmaps:pneumonia-config", "jobs:pneumonia-preprocess"]  # the test's own
+    assert posts(server).count("jobs:pneumonia-preprocess") == 1  # attached, not created again
+    assert "jobs:pneumonia-evaluate" in posts(server)
+
+
 def test_ctrl_c_asks_and_deletes_the_runs_jobs_in_the_foreground(client: ln.KubeClient, server: EmulatorThread,
                                                                   tmp_path: Path) -> None:
     config = run_config(tmp_path)
@@ -299,6 +346,29 @@ def test_dry_run_prints_the_exact_yaml_and_calls_nothing(kubeconfig: Path, serve
     expected = [obj for obj in mf.build_manifests(mf.load_manifests(), config, managed_by="pneumonia-k8s")
                 if obj["kind"] not in mf.SETUP_KINDS]
     assert printed == expected
+
+
+def test_setup_refuses_the_placeholder_gsa_and_dry_run_shows_the_one_given(
+        kubeconfig: Path, server: EmulatorThread, capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["run", "--kubeconfig", str(kubeconfig), "--context", "kmock", "--run-id", RUN_ID,
+              "--bucket", "gs://bucket-x/p", "--image", "r/pneumonia:0.2.0", "--dry-run"]
+    out = io.StringIO()
+    assert main([*common, "--setup"], out=out) == 2
+    error = capsys.readouterr().err
+    assert "--gsa" in error and "manifests/01-serviceaccount.yaml" in error
+    assert out.getvalue() == ""
+
+    email = "pneumonia-pipeline@my-project.iam.gserviceaccount.com"
+    out = io.StringIO()
+    assert main([*common, "--setup", "--gsa", email], out=out) == 0
+    printed = [doc for doc in yaml.safe_load_all(out.getvalue()) if doc]
+    (account,) = [doc for doc in printed if doc["kind"] == "ServiceAccount"]
+    assert account["metadata"]["annotations"][mf.GSA_ANNOTATION] == email
+    assert {doc["kind"] for doc in printed} >= set(mf.SETUP_KINDS)
+
+    assert main([*common, "--gsa", email], out=io.StringIO()) == 2  # without --setup it would do nothing
+    assert "add --setup" in capsys.readouterr().err
+    assert server.emulator.calls == []
 
 
 def test_cli_rejects_an_unpinned_image_before_any_call(kubeconfig: Path, server: EmulatorThread,
@@ -369,9 +439,7 @@ def test_the_role_grants_exactly_what_the_launcher_checks() -> None:
                for resource in rule["resources"] for verb in rule["verbs"]}
     needed = {(a.verb, a.group, f"{a.resource}/{a.subresource}" if a.subresource else a.resource)
               for a in ln.REQUIRED_ACCESS}
-    assert needed <= granted
-    # watch is granted for kubectl users following along; nothing else beyond the launcher's needs.
-    assert {g for g in granted - needed if g[0] != "watch"} == set()
+    assert granted == needed  # the launcher polls: no watch, nothing beyond its needs
 
 
 def test_matching_rule_follows_the_controller_order() -> None:

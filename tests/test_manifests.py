@@ -193,6 +193,16 @@ def test_pod_failure_policy_ignores_disruptions_and_143_fails_on_2(objects: list
                            ("FailJob", [EXIT_BAD_INPUT], [])], stage
 
 
+def test_pods_get_time_to_stop_cleanly_on_sigterm(objects: list[dict]) -> None:
+    """SIGTERM (preemption, drain, deletion) -> the stage exits 143; training saves a backup first, so
+    the kubelet must wait that long before SIGKILL (the default is 30 s)."""
+    for stage, job in jobs_of(objects).items():
+        grace = mf.pod_spec(job).get("terminationGracePeriodSeconds")
+        assert isinstance(grace, int) and grace >= 30, (stage, grace)
+        if stage == "train":
+            assert grace >= 60, grace
+
+
 def test_containers_have_resources_security_and_pinned_images(objects: list[dict]) -> None:
     for stage, job in jobs_of(objects).items():
         pod = mf.pod_spec(job)
@@ -342,6 +352,24 @@ def test_pods_need_no_kubernetes_api_and_the_role_is_namespaced() -> None:
     assert all(subject["kind"] != "ServiceAccount" for subject in binding["subjects"])
     for rule in one(written, "Role")["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "secrets" not in rule["resources"]
+
+
+def test_the_gsa_patch_sets_the_workload_identity_annotation_and_nothing_else() -> None:
+    written = mf.load_manifests()
+    pristine = copy.deepcopy(written)
+    with pytest.raises(ConfigError, match="--gsa") as placeholder:
+        mf.check_gcp_service_account(written)  # as written: the @PROJECT. placeholder
+    assert "manifests/01-serviceaccount.yaml" in str(placeholder.value)
+    email = "pneumonia-pipeline@my-project.iam.gserviceaccount.com"
+    patched = mf.with_gcp_service_account(written, email)
+    assert written == pristine  # never mutated
+    mf.check_gcp_service_account(patched)
+    assert one(patched, "ServiceAccount")["metadata"]["annotations"] == {mf.GSA_ANNOTATION: email}
+    changed = [(a["kind"], a["metadata"]["name"]) for a, b in zip(written, patched, strict=True) if a != b]
+    assert changed == [("ServiceAccount", "pneumonia")]
+    for bad in ("pneumonia-pipeline@PROJECT.iam.gserviceaccount.com", "not-an-email", "a@b.example.com"):
+        with pytest.raises(ConfigError, match="--gsa"):
+            mf.with_gcp_service_account(written, bad)
 
 
 # --- config checks the launcher applies ------------------------------------------------------------

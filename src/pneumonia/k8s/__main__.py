@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override any config key; repeatable")
     run.add_argument("--setup", action="store_true",
                      help="also create the namespace, ServiceAccount, Role and RoleBinding (needs RBAC rights)")
+    run.add_argument("--gsa", metavar="EMAIL",
+                     help="with --setup: the Google service account the pods act as (Workload Identity), e.g. "
+                          "pneumonia-pipeline@my-project.iam.gserviceaccount.com")
     run.add_argument("--dry-run", action="store_true", help="print the exact YAML and create nothing")
 
     status = commands.add_parser("status", help="the state of a run's Jobs (or of every run)")
@@ -119,6 +122,12 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
         config = mf.with_launch_options(config, archive=archive_url)
     mf.check_launchable(config)
     objects = mf.build_manifests(mf.load_manifests(args.manifests), config, managed_by="pneumonia-k8s")
+    if args.gsa:
+        if not args.setup:
+            raise BadInputError("--gsa sets the ServiceAccount, which only --setup applies: add --setup")
+        objects = mf.with_gcp_service_account(objects, args.gsa)
+    if args.setup:
+        mf.check_gcp_service_account(objects)
     if args.dry_run:
         shown = [obj for obj in objects if args.setup or obj["kind"] not in mf.SETUP_KINDS]
         out.write(mf.to_yaml(shown))

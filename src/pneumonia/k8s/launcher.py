@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
 import kubernetes
+import yaml
 from kubernetes.client.exceptions import ApiException
 
 from pneumonia.config import PipelineConfig
@@ -110,6 +111,9 @@ class KubeClient:
             if error.status == 403:
                 return None
             raise
+
+    def read_config_map(self, name: str) -> Any | None:
+        return _absent_as_none(lambda: self.core.read_namespaced_config_map(name, self.namespace))
 
     def service_account_exists(self, name: str) -> bool:
         return _absent_as_none(lambda: self.core.read_namespaced_service_account(name, self.namespace)) is not None
@@ -452,6 +456,8 @@ class Launcher:
         try:
             self.preflight(jobs, setup)
             attached = self.clear_old_jobs(jobs)
+            if any(not state.done for state in attached.values()):
+                self.check_same_config()
             if archive and upload is not None:
                 self.say(f"uploading {archive} -> {self.config.data.archive}")
                 upload(archive, self.config.data.archive)
@@ -504,11 +510,11 @@ class Launcher:
                     raise LaunchError(f"ServiceAccount {account} is missing in namespace {self.client.namespace}: "
                                       "run once with --setup, or kubectl apply -f manifests/01-serviceaccount.yaml")
 
-    def clear_old_jobs(self, jobs: dict[str, dict[str, Any]]) -> set[str]:
+    def clear_old_jobs(self, jobs: dict[str, dict[str, Any]]) -> dict[str, JobState]:
         """Job names are fixed, so another run's Jobs must go first: finished ones are deleted, running
         ones stop the launch (the ConfigMap they read would change under them). Returns this run's
-        existing Jobs, which the launcher follows instead of creating."""
-        attached: set[str] = set()
+        existing Jobs (name -> state), which the launcher follows instead of creating."""
+        attached: dict[str, JobState] = {}
         stale = []
         for job in jobs.values():
             name = job["metadata"]["name"]
@@ -517,7 +523,7 @@ class Launcher:
                 continue
             owner = (existing.metadata.labels or {}).get(mf.LABEL_INSTANCE, "")
             if owner == self.run_id:
-                attached.add(name)
+                attached[name] = job_state(existing)
             elif not job_state(existing).done:
                 raise LaunchError(f"Job {name} of run {owner or '(unlabelled)'} is still running; wait for it or "
                                   f"delete it: python -m pneumonia.k8s delete --run-id {owner}")
@@ -529,6 +535,24 @@ class Launcher:
         for name, _ in stale:
             self._wait_gone(name)
         return attached
+
+    def check_same_config(self) -> None:
+        """Attaching to this run's active Jobs: their pods (and every retry) read the live ConfigMap, so
+        it must not change under them (e.g. --workers 3 under 2 running workers makes retries exit 2)."""
+        configmap = next((obj for obj in self.objects if obj["kind"] == "ConfigMap"), None)
+        if configmap is None:
+            return
+        live = self.client.read_config_map(configmap["metadata"]["name"])
+        if live is None:
+            return
+        differences = config_differences((live.data or {}).get(mf.CONFIG_MAP_KEY, ""),
+                                         configmap["data"][mf.CONFIG_MAP_KEY])
+        if differences:
+            raise LaunchError(
+                f"run {self.run_id} is already running with a different config; its pods read ConfigMap "
+                f"{configmap['metadata']['name']}, which these flags would change: {'; '.join(differences)}. "
+                f"Re-run with the same flags to follow it, or start a new run (another --run-id, or none) "
+                f"once it is done or deleted: python -m pneumonia.k8s delete --run-id {self.run_id}")
 
     def _wait_gone(self, name: str) -> None:
         deadline = self.options.clock() + self.options.delete_timeout_s
@@ -628,6 +652,28 @@ class Launcher:
             self.say(f"metrics.json has none of accuracy, cohen_kappa, macro_f1; keys: {', '.join(sorted(metrics))}")
         for key, value in headline.items():
             self.say(f"  {key}: {value:.4f}" if isinstance(value, (int, float)) else f"  {key}: {value}")
+
+
+def config_differences(live_text: str, new_text: str) -> list[str]:
+    """The config keys (section.key) whose values differ between two rendered config.yaml texts."""
+    def flat(text: str) -> dict[str, Any]:
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError:
+            return {"(config.yaml)": "unreadable"}
+        if not isinstance(tree, dict):
+            return {"(config.yaml)": tree}
+        items: dict[str, Any] = {}
+        for section, values in tree.items():
+            if isinstance(values, dict):
+                items.update({f"{section}.{key}": value for key, value in values.items()})
+            else:
+                items[str(section)] = values
+        return items
+
+    live, new = flat(live_text), flat(new_text)
+    return [f"{key}: {live.get(key, '(unset)')} running, {new.get(key, '(unset)')} requested"
+            for key in sorted(set(live) | set(new)) if live.get(key) != new.get(key)]
 
 
 def newest_started(pods: list[Any]) -> Any | None:

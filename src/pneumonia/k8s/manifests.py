@@ -36,6 +36,11 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_JOB_NAME = "batch.kubernetes.io/job-name"
 LABEL_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 
+# Workload Identity: the Google service account the pods' Kubernetes ServiceAccount acts as.
+GSA_ANNOTATION = "iam.gke.io/gcp-service-account"
+GSA_PLACEHOLDER = "@PROJECT."
+SERVICE_ACCOUNT_MANIFEST = "manifests/01-serviceaccount.yaml"
+
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_LABEL = "cloud.google.com/gke-accelerator"
 
@@ -48,6 +53,7 @@ _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([a-zA-Z]*)$")
 _BINARY_SMALLER = {"Ti": "Gi", "Gi": "Mi", "Mi": "Ki"}
+_GSA_EMAIL = re.compile(r"^[a-z0-9][-a-z0-9._]*@[a-z0-9][-a-z0-9.]*\.gserviceaccount\.com$")
 
 
 def load_manifests(folder: str | Path = MANIFEST_DIR) -> list[dict[str, Any]]:
@@ -165,6 +171,33 @@ def check_image(image: str) -> None:
         raise ConfigError(f"config key cluster.image = {image!r} has no tag: pin a version (or a digest)")
     if tag == "latest":
         raise ConfigError(f"config key cluster.image = {image!r} uses :latest: pin a version (or a digest)")
+
+
+def with_gcp_service_account(objects: list[dict[str, Any]], email: str) -> list[dict[str, Any]]:
+    """The objects (never mutated) with the ServiceAccounts' Workload Identity annotation set to `email`."""
+    if not _GSA_EMAIL.match(email) or GSA_PLACEHOLDER in email:
+        raise ConfigError(f"--gsa {email!r} is not a Google service account email "
+                          "(NAME@PROJECT_ID.iam.gserviceaccount.com)")
+    objects = copy.deepcopy(objects)
+    for obj in objects:
+        if obj["kind"] == "ServiceAccount":
+            obj["metadata"].setdefault("annotations", {})[GSA_ANNOTATION] = email
+    return objects
+
+
+def check_gcp_service_account(objects: list[dict[str, Any]]) -> None:
+    """The ServiceAccounts name a real Google service account, not the manifest's @PROJECT. placeholder
+    (pods would then fail every bucket access with exit 1 and never say why)."""
+    for obj in objects:
+        if obj["kind"] != "ServiceAccount":
+            continue
+        email = (obj["metadata"].get("annotations") or {}).get(GSA_ANNOTATION, "")
+        if not email or GSA_PLACEHOLDER in email:
+            raise ConfigError(
+                f"ServiceAccount {obj['metadata']['name']} has annotation {GSA_ANNOTATION}={email or '(none)'}, "
+                f"the placeholder of {SERVICE_ACCOUNT_MANIFEST}: pass --gsa NAME@PROJECT_ID.iam.gserviceaccount.com "
+                "(the Google service account that can read and write the bucket; see README.md, "
+                "\"Running on Kubernetes\") or edit the manifest")
 
 
 def build_manifests(manifests: list[dict[str, Any]], config: PipelineConfig,
