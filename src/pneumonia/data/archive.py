@@ -11,6 +11,7 @@ import contextlib
 import io
 import re
 import stat
+import threading
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -275,7 +276,7 @@ def check_tf_decode(data: bytes) -> str | None:
     """None when the shard stage's own decode (imaging.load_resized, 1 and 3 channels) reads the bytes."""
     for channels in (1, 3):
         try:
-            _TF_DECODERS[channels](tf.constant(data, tf.string))
+            _tf_decoder(channels)(tf.constant(data, tf.string))
         except tf.errors.InvalidArgumentError as error:
             detail = _tf_error_detail(error.message)
             return (f"TensorFlow cannot decode it as the shard stage does (channels={channels}): {detail}; "
@@ -292,15 +293,21 @@ def _tf_error_detail(message: str) -> str:
     return "decode failed"
 
 
+_TF_DECODERS: dict[int, Any] = {}
+_TF_DECODERS_LOCK = threading.Lock()
+
+
 def _tf_decoder(channels: int):  # noqa: ANN202
-    @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
-    def decode(data: tf.Tensor) -> tf.Tensor:
-        return imaging.load_resized(data, _CHECK_SIZE, _CHECK_SIZE, channels)[0]
+    """The shard stage's decode as one traced graph per channel count, traced once under a lock:
+    the checking threads would otherwise each trace it on first use."""
+    with _TF_DECODERS_LOCK:
+        if channels not in _TF_DECODERS:
+            @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
+            def decode(data: tf.Tensor) -> tf.Tensor:
+                return imaging.load_resized(data, _CHECK_SIZE, _CHECK_SIZE, channels)[0]
 
-    return decode
-
-
-_TF_DECODERS = {channels: _tf_decoder(channels) for channels in (1, 3)}
+            _TF_DECODERS[channels] = decode.get_concrete_function()
+        return _TF_DECODERS[channels]
 
 
 def describe(error: Any) -> str:
