@@ -138,6 +138,9 @@ def test_num_shards_follows_size_minimum_workers_and_record_count() -> None:
     config = load_config(None, [*base, "cluster.num_workers=5", "shard.min_shards_per_split=2"])
     assert shard.num_shards_for(100, config) == 5  # a file for every training worker
     assert shard.num_shards_for(4, config) == 4
+    # 11 by size with 3 workers: 12, so every worker reads as many files as the others.
+    config = load_config(None, [*base, "shard.target_shard_bytes=100000", "cluster.num_workers=3"])
+    assert shard.num_shards_for(100, config) == 12
 
 
 def test_plan_deals_every_row_once_evenly_with_the_class_mix(tmp_path: Path) -> None:

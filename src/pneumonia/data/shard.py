@@ -198,7 +198,9 @@ def validate_manifest(manifest_bytes: bytes, path: str) -> list[dict[str, Any]]:
 
 def num_shards_for(num_rows: int, config: PipelineConfig) -> int:
     """Enough files to keep each near shard.target_shard_bytes, at least shard.min_shards_per_split and
-    cluster.num_workers (FILE autosharding needs a file per worker), never more than records.
+    cluster.num_workers (FILE autosharding needs a file per worker), rounded up to a multiple of the
+    workers (else some read more files than others, and the data each sees is uneven), never more
+    than records.
 
     Sized from the uncompressed pixels, an upper bound for PNG of natural images, so the count
     depends only on the config and the manifest and every writer computes the same plan.
@@ -206,7 +208,9 @@ def num_shards_for(num_rows: int, config: PipelineConfig) -> int:
     shard = config.shard
     record_bytes = shard.image_height * shard.image_width * shard.channels + _RECORD_OVERHEAD_BYTES
     by_size = math.ceil(num_rows * record_bytes / shard.target_shard_bytes)
-    return max(1, min(num_rows, max(by_size, shard.min_shards_per_split, config.cluster.num_workers)))
+    num_workers = config.cluster.num_workers
+    wanted = max(by_size, shard.min_shards_per_split, num_workers)
+    return max(1, min(num_rows, math.ceil(wanted / num_workers) * num_workers))
 
 
 def _order_key(seed: int, path: str) -> str:
