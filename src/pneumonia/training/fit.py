@@ -242,7 +242,9 @@ def run(config: PipelineConfig) -> dict[str, Any] | None:
             backup = ResumableBackup(storage.join(layout.backup(run_id), phase.name), watch,
                                      config.train.backup_every_n_steps)
             backups.append(backup)
-            callbacks: list[keras.callbacks.Callback] = [history, backup, best, limit]
+            # Best weights, then the history, then the backup: a crash between two of them redoes
+            # the epoch, and the history never records a best score whose weights were not saved.
+            callbacks: list[keras.callbacks.Callback] = [best, history, backup, limit]
             if spec.is_chief:
                 callbacks.append(keras.callbacks.TensorBoard(layout.tensorboard(run_id), write_graph=False,
                                                              profile_batch=0))
