@@ -73,8 +73,9 @@ def input_only(data: tf.data.Dataset, steps: int, batch: int) -> float:
     return steps * batch / (time.perf_counter() - started)
 
 
-def bench_case(name: str, root: Path, quick: bool, num_images: int) -> dict:
+def bench_case(name: str, root: Path, quick: bool, num_images: int, batch_size: int = 0) -> dict:
     overrides, batch, steps, quick_steps = CASES[name]
+    batch = batch_size or batch
     steps = quick_steps if quick else steps
     config = build_data(root, overrides, num_images)
     layout = Layout.of(config)
@@ -98,6 +99,13 @@ def bench_case(name: str, root: Path, quick: bool, num_images: int) -> dict:
     }
     row["pipeline_over_in_memory"] = round(row["pipeline_images_per_second"] / row["in_memory_images_per_second"], 3)
     row["bound"] = "compute" if row["pipeline_over_in_memory"] >= 0.9 else "input"
+    # The step time from the shards, and how much of it waits for input (0 when compute-bound).
+    row["step_ms"] = round(1000 * batch / row["pipeline_images_per_second"], 1)
+    row["input_share_of_step"] = round(max(0.0, 1 - row["pipeline_over_in_memory"]), 3)
+    row["mixed_precision"] = keras.mixed_precision.global_policy().name == "mixed_float16"
+    row["xla"] = bool(use_xla)
+    if cluster.num_gpus():
+        row["gpu_peak_memory_mib"] = round(tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20)
     return row
 
 
@@ -106,25 +114,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer timed steps")
     parser.add_argument("--images", type=int, default=120, help="synthetic archive size")
     parser.add_argument("--models", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--batch-size", type=int, default=0, help="per-step batch (default: each case's CPU size)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     configure_logging("bench", run_id="bench", level="WARNING")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
         for name in args.models:
-            rows.append(bench_case(name, Path(scratch) / name.replace("@", "-"), args.quick, args.images))
+            rows.append(bench_case(name, Path(scratch) / name.replace("@", "-"), args.quick, args.images,
+                                   args.batch_size))
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
                     "tensorflow": tf.__version__, "gpus": cluster.num_gpus()},
         "note": "no GPU in this run: CPU figures only" if not cluster.num_gpus() else "",
         "results": rows,
     }
-    header = f"{'model':<22}{'batch':>6}{'input-only/s':>14}{'pipeline/s':>12}{'in-memory/s':>13}{'ratio':>7}  bound"
+    header = (f"{'model':<22}{'batch':>6}{'input-only/s':>14}{'pipeline/s':>12}{'in-memory/s':>13}{'ratio':>7}"
+              f"{'step ms':>9}  bound    gpu peak MiB")
     print(header)
     for row in rows:
         print(f"{row['model']:<22}{row['batch_size']:>6}{row['input_only_images_per_second']:>14}"
               f"{row['pipeline_images_per_second']:>12}{row['in_memory_images_per_second']:>13}"
-              f"{row['pipeline_over_in_memory']:>7}  {row['bound']}")
+              f"{row['pipeline_over_in_memory']:>7}{row['step_ms']:>9}  {row['bound']:<8} "
+              f"{row.get('gpu_peak_memory_mib', '-')}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
