@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import structlog
 import tensorflow as tf
 from PIL import Image
 from test_evaluate import make_run, read_test_records
@@ -21,15 +20,6 @@ from pneumonia import predict
 from pneumonia.config import CLASS_NAMES
 from pneumonia.data import demo, imaging
 from pneumonia.layout import Layout
-
-
-@pytest.fixture
-def restore_logging():
-    """predict.main configures logging onto the captured stderr; later tests must not write to it once closed."""
-    saved = structlog.get_config()
-    yield
-    structlog.configure(**saved)
-    structlog.contextvars.clear_contextvars()
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +77,7 @@ def test_images_are_prepared_exactly_as_the_shard_stage_prepares_them(trained_ru
         np.testing.assert_array_equal(prepared, stored)  # PNG shards are lossless
 
 
-def test_a_missing_run_exits_2_naming_the_path(tmp_path, image_folder, capsys, restore_logging):
+def test_a_missing_run_exits_2_naming_the_path(tmp_path, image_folder, capsys):
     missing = tmp_path / "runs" / "nope"
     assert predict.main([str(missing), str(image_folder)]) == 2
     captured = capsys.readouterr()
@@ -95,7 +85,7 @@ def test_a_missing_run_exits_2_naming_the_path(tmp_path, image_folder, capsys, r
     assert captured.out == ""
 
 
-def test_a_bad_image_or_path_exits_2_naming_it(trained_run, tmp_path, capsys, restore_logging):
+def test_a_bad_image_or_path_exits_2_naming_it(trained_run, tmp_path, capsys):
     broken = tmp_path / "broken.jpeg"
     broken.write_bytes(b"\xff\xd8 definitely not a jpeg")
     assert predict.main([trained_run.run_dir, str(broken)]) == 2

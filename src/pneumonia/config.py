@@ -238,13 +238,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             text = Path(path).read_text()
         except OSError as error:
             raise ConfigError(f"cannot read config file {path}: {error.strerror}; pass an existing YAML file") from None
-        try:
-            loaded = yaml.safe_load(text) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
-        tree = loaded
+        tree = parse_config_yaml(text, str(path))
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or "." not in key:
@@ -255,6 +249,17 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError(f"config section {section!r} must be a mapping")
         tree[section][name] = raw.strip() if _is_text_field(section, name) else _parse_value(key, raw)
     return from_dict(tree).validate()
+
+
+def parse_config_yaml(text: str, source: str) -> dict[str, Any]:
+    """A config file's text -> its tree of sections (not yet checked against the dataclasses)."""
+    try:
+        loaded = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {source} is not valid YAML: {error}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {source} must hold a mapping of sections, got {type(loaded).__name__}")
+    return loaded
 
 
 def _is_text_field(section: str, name: str) -> bool:

@@ -17,10 +17,9 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 import tf_keras as keras
-import yaml
 
 from pneumonia import storage
-from pneumonia.config import CLASS_NAMES, PipelineConfig, from_dict
+from pneumonia.config import CLASS_NAMES, PipelineConfig, from_dict, parse_config_yaml
 from pneumonia.data import pipeline
 from pneumonia.errors import BadInputError, ConfigError
 from pneumonia.layout import CONFIG_NAME, Layout
@@ -45,12 +44,7 @@ def load_run_config(run_dir: str) -> PipelineConfig:
     path = storage.join(run_dir, CONFIG_NAME)
     if not storage.exists(path):
         raise BadInputError(f"{path} is missing: {run_dir} is not a training run dir (runs/<run_id>)")
-    try:
-        tree = yaml.safe_load(storage.read_text(path)) or {}
-    except yaml.YAMLError as error:
-        raise BadInputError(f"run config {path} is not valid YAML: {error}") from None
-    if not isinstance(tree, dict):
-        raise BadInputError(f"run config {path} must hold a mapping of sections")
+    tree = parse_config_yaml(storage.read_text(path), path)
     try:
         return from_dict(tree).validate()
     except ConfigError as error:
