@@ -102,11 +102,11 @@ def run_shard_stage(root: Path, size: int, encoding: str) -> dict:
     config = load_config(None, [f"data.root={root}", f"shard.image_height={size}", f"shard.image_width={size}",
                                 f"shard.encoding={encoding}"])
     shutil.rmtree(root / "processed", ignore_errors=True)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     marker = shard.run(config)
-    seconds = time.perf_counter() - started
+    seconds, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
     num_images = sum(split["num_records"] for split in marker["splits"].values())
-    return {"num_images": num_images, "seconds": seconds, "images_per_s": num_images / seconds,
+    return {"num_images": num_images, "seconds": seconds, "cpu_s": cpu_s, "images_per_s": num_images / seconds,
             "bytes": sum(s["bytes"] for s in marker["shards"]), "num_files": len(marker["shards"]),
             "min_psnr_db": marker["roundtrip"]["min_psnr_db"], "config": config,
             "processed_dir": str(root / "processed" / config.shard.size_dir)}
@@ -114,8 +114,28 @@ def run_shard_stage(root: Path, size: int, encoding: str) -> dict:
 
 def run_notebook(interim: Path, out_dir: Path, size: int) -> dict:
     shutil.rmtree(out_dir, ignore_errors=True)
+    cpu_started = time.process_time()
     result = notebook_baseline.shard_like_notebook(str(interim), str(out_dir), size, size)
-    return {**result, "images_per_s": result["num_images"] / result["seconds"]}
+    return {**result, "cpu_s": time.process_time() - cpu_started, "images_per_s": result["num_images"] / result["seconds"]}
+
+
+def run_decode_floor(root: Path, paths: list[str], size: int) -> dict:
+    """Only the shard writer's first step: read every source and decode it at the writer's JPEG scale.
+
+    Any stage that turns these JPEGs into pixels must at least do this, on the same cores, so
+    notebook time / this time bounds what any shard stage can reach against the notebook.
+    """
+    def decode(path: tf.Tensor) -> tf.Tensor:
+        image, _, _ = imaging.decode_source(tf.io.read_file(path), size, size, 1)
+        return tf.shape(image)[0]
+
+    dataset = tf.data.Dataset.from_tensor_slices([str(root / p) for p in paths]).map(
+        decode, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    num_images = sum(1 for _ in dataset)
+    seconds, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
+    return {"num_images": num_images, "seconds": seconds, "cpu_s": cpu_s, "images_per_s": num_images / seconds,
+            "bytes": 0}
 
 
 def warm_up(root: Path, workdir: Path, size: int, per_split: int = 12) -> None:
@@ -132,6 +152,7 @@ def warm_up(root: Path, workdir: Path, size: int, per_split: int = 12) -> None:
     for encoding in ("png", "jpeg"):
         run_shard_stage(warm, size, encoding)
     run_notebook(warm / "interim", workdir / "notebook-warmup", size)
+    run_decode_floor(warm, [row["path"] for row in rows], size)
     shutil.rmtree(warm, ignore_errors=True)
     shutil.rmtree(workdir / "notebook-warmup", ignore_errors=True)
 
@@ -191,14 +212,16 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
         (jpeg_root / name).symlink_to(root / name)
     print("warm-up (every contender once on a few images, untimed) ...", flush=True)
     warm_up(root, workdir, size)
-    runs: dict[str, list[dict]] = {"png": [], "jpeg": [], "notebook": []}
+    runs: dict[str, list[dict]] = {"png": [], "jpeg": [], "notebook": [], "decode_floor": []}
     for round_number in range(1, args.repeats + 1):
         print(f"round {round_number}/{args.repeats}: shard stage (png), shard stage (jpeg), notebook baseline "
-              "(image_dataset_from_directory -> float tensor TFRecords) ...", flush=True)
+              "(image_dataset_from_directory -> float tensor TFRecords), decode floor ...", flush=True)
         runs["png"].append(run_shard_stage(root, size, "png"))
         runs["jpeg"].append(run_shard_stage(jpeg_root, size, "jpeg"))
         runs["notebook"].append(run_notebook(root / "interim", workdir / "notebook", size))
-    png, jpeg, notebook = (min(runs[name], key=lambda run: run["seconds"]) for name in ("png", "jpeg", "notebook"))
+        runs["decode_floor"].append(run_decode_floor(root, sorted(sharded_paths), size))
+    png, jpeg, notebook, floor = (min(runs[name], key=lambda run: run["seconds"])
+                                  for name in ("png", "jpeg", "notebook", "decode_floor"))
 
     print("loaders ...", flush=True)
     config = png["config"]
@@ -218,10 +241,15 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
     def median_s(name: str) -> float:
         return float(np.median([run["seconds"] for run in runs[name]]))
 
+    def median_cpu_per_image(name: str) -> float:
+        return float(np.median([run["cpu_s"] / run["num_images"] for run in runs[name]]))
+
     def stage(stats: dict, source_bytes: int, name: str) -> dict:
         return {"num_images": stats["num_images"], "seconds": round(stats["seconds"], 2),
                 "all_runs_s": [round(run["seconds"], 2) for run in runs[name]],
                 "median_vs_notebook": round(median_s("notebook") / median_s(name), 2),
+                "cpu_ms_per_image": round(1000 * median_cpu_per_image(name), 2),
+                "cpu_vs_notebook": round(median_cpu_per_image("notebook") / median_cpu_per_image(name), 2),
                 "images_per_s": round(stats["images_per_s"], 1),
                 "vs_notebook": round(stats["images_per_s"] / notebook["images_per_s"], 2),
                 "bytes": stats["bytes"], "bytes_vs_source": round(stats["bytes"] / source_bytes, 3)}
@@ -239,6 +267,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
             "ours_jpeg": {**stage(jpeg, sharded_source_bytes, "jpeg"), "num_files": jpeg["num_files"],
                           "min_psnr_db": jpeg["min_psnr_db"]},
             "notebook": {**stage(notebook, sources["source_bytes"], "notebook"), "num_files": len(notebook["files"])},
+            "decode_floor": {**stage(floor, sharded_source_bytes, "decode_floor"), "num_files": 0},
         },
         "loader": {name: {k: round(v, 2) for k, v in stats.items()} for name, stats in loaders.items()},
         "goals": GOALS,
@@ -252,16 +281,19 @@ def print_table(results: dict) -> None:
           f"{sources['px_range_sample'][0]}-{sources['px_range_sample'][1]} px (sample); shards at "
           f"{params['size']}x{params['size']}; {results['machine']['cpus']} CPUs")
     print(f"\n1-2. shard stage (best of {params['repeats']})    images/s   vs notebook   bytes / source   files"
-          "   median vs notebook   all runs (s)")
+          "   median vs notebook   CPU ms/image   CPU vs notebook   all runs (s)")
     default = results["default_encoding"]
     for name, label in (("ours_png", "ours (png)"), ("ours_jpeg", "ours (jpeg q95)"),
-                        ("notebook", "notebook (float tensors)")):
+                        ("notebook", "notebook (float tensors)"), ("decode_floor", "decode floor (bound)")):
         row = results["shard"][name]
         if name.endswith(default):
             label += ", default"
         runs = " ".join(f"{seconds:.1f}" for seconds in row["all_runs_s"])
         print(f"   {label:<28} {row['images_per_s']:>9.1f} {row['vs_notebook']:>12.2f}x {row['bytes_vs_source']:>15.3f}"
-              f" {row['num_files']:>7} {row['median_vs_notebook']:>19.2f}x   {runs}")
+              f" {row['num_files']:>7} {row['median_vs_notebook']:>19.2f}x {row['cpu_ms_per_image']:>14.2f}"
+              f" {row['cpu_vs_notebook']:>16.2f}x   {runs}")
+    print("   (decode floor: only reading and decoding the sources at the writer's JPEG scale, which any shard stage "
+          "must do; its ratio bounds every stage's)")
     print(f"   (jpeg round-trip min PSNR {results['shard']['ours_jpeg']['min_psnr_db']} dB)")
     print("\n3. loader (decode + batch)        images/s   vs directory")
     for name, label in (("ours_png", "our shards (png)"), ("ours_jpeg", "our shards (jpeg)"),

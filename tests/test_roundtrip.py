@@ -75,6 +75,13 @@ def test_check_passes_and_draws_the_pairs(copy: tuple[Path, dict]) -> None:
     assert summary["num_images_compared"] == 16
     plot = tf.io.decode_png((out_dir / roundtrip.PLOT_NAME).read_bytes()).numpy()
     assert plot.shape[0] > 400 and plot.shape[1] > 800 and plot.std() > 10  # a drawn grid, not a blank page
+    assert red_pixels(out_dir / roundtrip.PLOT_NAME) == 0  # every caption black: all labels agree
+
+
+def red_pixels(path: Path) -> int:
+    """How many pixels of the plot are caption red (a pair whose stored label disagrees)."""
+    plot = tf.io.decode_png(path.read_bytes(), channels=3).numpy().astype(int)
+    return int(((plot[..., 0] > 180) & (plot[..., 1] < 90) & (plot[..., 2] < 90)).sum())
 
 
 def test_sampling_is_per_split_and_class_and_stable(copy: tuple[Path, dict]) -> None:
@@ -97,6 +104,8 @@ def test_check_catches_a_label_flip_and_an_inverted_image(copy: tuple[Path, dict
     with pytest.raises(BadInputError, match=message) as caught:
         roundtrip.check(str(out_dir), marker["shards"], rows_of(root), config_for(root, ALL), str(root))
     assert name in str(caught.value) and victim in str(caught.value)
+    flagged = red_pixels(out_dir / roundtrip.PLOT_NAME)
+    assert flagged > 0 if tamper is flip_label else flagged == 0  # the flipped pair is captioned in red
 
 
 def test_check_catches_a_lost_record(copy: tuple[Path, dict]) -> None:
@@ -144,3 +153,16 @@ def test_jpeg_shards_catch_an_inverted_image_by_psnr(tmp_path: Path) -> None:
         roundtrip.check(str(out_dir), marker["shards"], rows_of(tmp_path),
                         config_for(tmp_path, ALL, "shard.encoding=jpeg"), str(tmp_path))
     assert name in str(caught.value) and victim in str(caught.value)
+
+
+def test_check_names_a_shard_holding_a_foreign_record(copy: tuple[Path, dict]) -> None:
+    root, marker = copy
+    out_dir = root / "processed" / SIZE_DIR
+    path = out_dir / next(s["name"] for s in marker["shards"] if s["split"] == "val")
+    kept = list(tf.data.TFRecordDataset(str(path)).as_numpy_iterator())
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for serialized in [*kept, tf.train.Example().SerializeToString()]:  # a record without our keys
+            writer.write(serialized)
+    with pytest.raises(BadInputError, match=f"shard {path} cannot be read") as caught:
+        roundtrip.check(str(out_dir), marker["shards"], rows_of(root), config_for(root, ALL), str(root))
+    assert caught.value.exit_code == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from pneumonia.data import tfrecords
@@ -52,3 +53,23 @@ def test_seventeen_records_in_three_shards_come_back_as_the_same_set(tmp_path: P
     back = [tfrecords.decode_example(s) for s in tf.data.TFRecordDataset(files).as_numpy_iterator()]
     assert sorted(back, key=lambda r: r.source_path) == sorted(records, key=lambda r: r.source_path)
     assert tfrecords.sidecar_name(names[0]) == ".train-00000-of-00003.tfrecord.json"
+
+
+def test_read_metadata_gives_every_record_in_order_across_batches(tmp_path: Path) -> None:
+    records = [record(n) for n in range(7)]
+    path = tmp_path / "val-00000-of-00001.tfrecord"
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for item in records:
+            writer.write(tfrecords.encode_example(item))
+    back = list(tfrecords.read_metadata(str(path), batch_size=3))  # 3 + 3 + 1: a partial last batch
+    assert [tfrecords.decode_example(serialized) for serialized, _ in back] == records
+    assert [meta for _, meta in back] == [tfrecords.Record(**{**item.__dict__, "image": b""}) for item in records]
+
+
+def test_read_metadata_rejects_a_record_without_the_keys(tmp_path: Path) -> None:
+    path = tmp_path / "train-00000-of-00001.tfrecord"
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        writer.write(tfrecords.encode_example(record(1)))
+        writer.write(tf.train.Example().SerializeToString())  # someone else's record
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        list(tfrecords.read_metadata(str(path)))

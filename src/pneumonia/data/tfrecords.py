@@ -5,6 +5,7 @@ The shard writer, the round-trip check and the input pipeline all use these, so 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import tensorflow as tf
@@ -86,6 +87,25 @@ def decode_example(serialized: bytes) -> Record:
         image=one(IMAGE), image_format=one(IMAGE_FORMAT), height=one(HEIGHT), width=one(WIDTH),
         channels=one(CHANNELS), label=one(LABEL), class_name=one(CLASS_NAME), patient=one(PATIENT),
         source_path=one(SOURCE_PATH), original_height=one(ORIGINAL_HEIGHT), original_width=one(ORIGINAL_WIDTH))
+
+
+def read_metadata(path: str, batch_size: int = 512) -> Iterator[tuple[bytes, Record]]:
+    """Every record of a shard file, in order, as (serialized example, Record with empty `image`).
+
+    Parsed in batches by TensorFlow's C++ parser: ~5x faster than decode_example per record, which
+    matters when a check reads every record of every shard. A corrupted file raises
+    tf.errors.DataLossError; a record that lacks a key raises tf.errors.InvalidArgumentError.
+    """
+    for batch in tf.data.TFRecordDataset(path).batch(batch_size):
+        # Parsed eagerly: a dataset.map would trace a graph per file, costing more than it saves.
+        features = {key: value.numpy() for key, value in tf.io.parse_example(batch, METADATA_FEATURES).items()}
+        for i, one in enumerate(batch.numpy()):
+            yield one, Record(
+                image=b"", image_format=features[IMAGE_FORMAT][i].decode(), height=int(features[HEIGHT][i]),
+                width=int(features[WIDTH][i]), channels=int(features[CHANNELS][i]), label=int(features[LABEL][i]),
+                class_name=features[CLASS_NAME][i].decode(), patient=features[PATIENT][i].decode(),
+                source_path=features[SOURCE_PATH][i].decode(), original_height=int(features[ORIGINAL_HEIGHT][i]),
+                original_width=int(features[ORIGINAL_WIDTH][i]))
 
 
 def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:

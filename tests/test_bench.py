@@ -1,0 +1,39 @@
+"""`make bench` keeps working: the data benchmark runs end to end on a few images and reports every contender.
+
+Speed is not asserted (that is the benchmark's job, on a quiet machine); what is checked is that
+each contender ran on the same images and that the byte counts are the ones its format implies.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_data_benchmark_runs_and_reports_every_contender(tmp_path: Path) -> None:
+    out = tmp_path / "data.json"
+    size = 32
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_data.py"), "--num-images", "60", "--size", str(size),
+         "--source-scale", "1", "--repeats", "1", "--batch-size", "8", "--workdir", str(tmp_path / "work"),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(out.read_text())
+    shard = results["shard"]
+    assert set(shard) == {"ours_png", "ours_jpeg", "notebook", "decode_floor"}
+    sharded = shard["ours_png"]["num_images"]
+    assert shard["ours_jpeg"]["num_images"] == shard["decode_floor"]["num_images"] == sharded > 0
+    assert shard["notebook"]["num_images"] == results["sources"]["num_images"] >= sharded
+    for row in shard.values():
+        assert row["images_per_s"] > 0 and row["cpu_ms_per_image"] > 0
+    # The notebook stores float32 RGB tensors: at least 12 bytes a pixel, far more than our encoded shards.
+    assert shard["notebook"]["bytes"] >= shard["notebook"]["num_images"] * size * size * 3 * 4
+    assert shard["ours_jpeg"]["bytes"] < shard["notebook"]["bytes"] / 4  # JPEG headers weigh most at 32 px
+    assert 30.0 < shard["ours_jpeg"]["min_psnr_db"] < 80.0
+    assert set(results["loader"]) == {"ours_png", "ours_jpeg", "directory", "notebook_tfrecord", "in_memory"}
+    assert "decode floor" in completed.stdout and "loader" in completed.stdout
