@@ -55,6 +55,9 @@ def test_set_overrides_win_over_yaml_and_parse_types(tmp_path):
     (["data.max_entry_bytes=0"], ["data.max_entry_bytes", "0"]),
     (["split.mode=random"], ["split.mode", "random"]),
     (["seed=1"], ["section.key=value"]),
+    (["train.run_id=.."], ["train.run_id", ".."]),  # would put the run's files in the data root
+    (["train.run_id=."], ["train.run_id"]),
+    (["train.run_id=a/b"], ["train.run_id", "a/b"]),
 ])
 def test_bad_values_raise_config_error_naming_the_key(overrides, names):
     with pytest.raises(ConfigError) as caught:

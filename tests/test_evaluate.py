@@ -22,7 +22,7 @@ from PIL import Image
 from sklearn.metrics import cohen_kappa_score, confusion_matrix, f1_score, roc_auc_score
 
 from pneumonia import storage
-from pneumonia.config import CLASS_NAMES, PipelineConfig
+from pneumonia.config import CLASS_NAMES, PipelineConfig, load_config
 from pneumonia.data import imaging, pipeline, preprocess, shard, tfrecords
 from pneumonia.errors import BadInputError, UpstreamMissingError
 from pneumonia.layout import Layout
@@ -232,13 +232,26 @@ def test_training_curves_tolerate_missing_keys(history):
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
 
 
-def test_shards_rewritten_since_training_are_refused(trained_run, tmp_path):
+def test_shards_from_another_split_are_refused(trained_run, tmp_path):
     # Another split would put training images into this test set: evaluate must not score it.
     shutil.copytree(Path(trained_run.config.data.root), tmp_path / "data")
     config = trained_run.config.replace(data=dataclasses.replace(trained_run.config.data, root=str(tmp_path / "data")))
     marker_path = tmp_path / "data" / "runs" / RUN_ID / "_SUCCESS.json"
     marker = json.loads(marker_path.read_text())
-    marker["inputs"] = {"shards_fingerprint": "from-another-split"}
+    marker["inputs"] = {"split_manifest_sha256": "0" * 64}
     marker_path.write_text(json.dumps(marker))
-    with pytest.raises(BadInputError, match=f"changed since run {RUN_ID} trained"):
+    with pytest.raises(BadInputError, match=f"another split than run {RUN_ID} trained on"):
         evaluate.run(config)
+
+
+def test_test_shards_only_need_the_runs_split_and_encoding():
+    run_config = load_config(None, ["train.run_id=r"])
+    run_marker = {"inputs": {"split_manifest_sha256": "a" * 64, "shards_fingerprint": "old"}}
+    # Resharded for more workers: another fingerprint, the same split and pixels. Accepted.
+    same = {"split_manifest_sha256": "a" * 64, "fingerprint": "new", "image": {"encoding": run_config.shard.encoding}}
+    evaluate.check_test_shards_fit_run("r", run_marker, run_config, same, "processed/256x256x1")
+    with pytest.raises(BadInputError, match="stored as png"):
+        evaluate.check_test_shards_fit_run("r", run_marker, run_config, {**same, "image": {"encoding": "png"}}, "p")
+    with pytest.raises(BadInputError, match="another split"):
+        evaluate.check_test_shards_fit_run("r", run_marker, run_config, {**same, "split_manifest_sha256": "b" * 64},
+                                           "p")

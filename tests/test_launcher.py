@@ -124,6 +124,13 @@ def posts(server: EmulatorThread) -> list[str]:
             and not path.endswith(("/pods", "/events", "/serviceaccounts"))]
 
 
+def launch(client: ln.KubeClient, config: PipelineConfig, options: ln.FollowOptions) -> tuple[int, str]:
+    """Runs the launcher on the config's manifests; returns its exit status and what it printed."""
+    out = io.StringIO()
+    status = ln.Launcher(client, mf.build_manifests(mf.load_manifests(), config), config, options, out).run()
+    return status, out.getvalue()
+
+
 # --- runs ----------------------------------------------------------------------------------------
 
 def happy_script() -> dict[str, list[Callable[[Controller], None]]]:
@@ -212,11 +219,8 @@ def test_a_bad_input_failure_reports_pod_exit_code_and_the_rule_that_fired(
     controller = Controller(client, server, {"pneumonia-preprocess": [lambda c: c.complete("pneumonia-preprocess")],
                                              "pneumonia-shard": [lambda c: c.pod("pneumonia-shard", 2, "Running"),
                                                                  shard_fails]})
-    out = io.StringIO()
-    status = ln.Launcher(client, mf.build_manifests(mf.load_manifests(), config), config,
-                         controller.options(), out).run()
+    status, text = launch(client, config, controller.options())
 
-    text = out.getvalue()
     assert status == ln.EXIT_FAILURE
     assert "Job pneumonia-shard failed: PodFailurePolicy (a podFailurePolicy rule failed the Job at once)" in text
     assert "matching FailJob rule at index 2" in text
@@ -287,17 +291,44 @@ def test_attaching_with_the_same_flags_follows_the_running_jobs(
     config = run_config(tmp_path)
     start_run_elsewhere(client, config)
     controller = Controller(client, server, happy_script())
-    out = io.StringIO()
-    status = ln.Launcher(client, mf.build_manifests(mf.load_manifests(), config), config,
-                         controller.options(), out).run()
+    status, text = launch(client, config, controller.options())
 
-    text = out.getvalue()
     assert status == ln.EXIT_OK, text
     assert f"[preprocess] following the existing Job pneumonia-preprocess of run {RUN_ID}" in text
     assert "different config" not in text
     assert posts(server)[:2] == ["configmaps:pneumonia-config", "jobs:pneumonia-preprocess"]  # the test's own
     assert posts(server).count("jobs:pneumonia-preprocess") == 1  # attached, not created again
     assert "jobs:pneumonia-evaluate" in posts(server)
+
+
+def test_resuming_a_run_whose_train_job_failed_runs_that_job_again(
+        client: ln.KubeClient, server: EmulatorThread, tmp_path: Path) -> None:
+    config = run_config(tmp_path)
+    earlier = mf.stage_jobs(mf.build_manifests(mf.load_manifests(), config))
+    setup = Controller(client, server, {})
+    for stage in ("preprocess", "shard", "train"):
+        client.create_job(earlier[stage])
+    setup.complete("pneumonia-preprocess")
+    setup.complete("pneumonia-shard", 4)
+    setup.job_status("pneumonia-train", failed=3, conditions=[
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}])
+    script = happy_script()
+    controller = Controller(client, server, {"pneumonia-train": script["pneumonia-train"],
+                                             "pneumonia-evaluate": script["pneumonia-evaluate"]})
+    status, text = launch(client, config, controller.options())
+
+    assert status == ln.EXIT_OK, text
+    assert f"[train] the Job pneumonia-train of run {RUN_ID} failed earlier (BackoffLimitExceeded)" in text
+    assert f"[preprocess] following the existing Job pneumonia-preprocess of run {RUN_ID}" in text
+    deleted = [path.rsplit("/", 1)[-1] for method, path, *_ in server.emulator.calls if method == "DELETE"]
+    assert deleted == ["pneumonia-train"]  # the finished stages stay
+    assert posts(server).count("jobs:pneumonia-train") == 2  # the test's failed one, then the launcher's
+    assert posts(server).count("jobs:pneumonia-preprocess") == 1
+    assert job_phase(client, "pneumonia-train") == "complete"
+
+
+def job_phase(client: ln.KubeClient, name: str) -> str:
+    return ln.job_state(client.read_job(name)).phase
 
 
 def test_ctrl_c_asks_and_deletes_the_runs_jobs_in_the_foreground(client: ln.KubeClient, server: EmulatorThread,

@@ -387,7 +387,7 @@ def test_pinned_images_pass(image: str) -> None:
 
 
 @pytest.mark.parametrize(("options", "key"), [
-    ({"run_id": "-bad-"}, "train.run_id"),
+    ({"run_id": "bad-"}, "train.run_id"),  # a valid run id, but a label value must end alphanumeric
     ({"run_id": "x" * 64}, "train.run_id"),
     ({"namespace": "Upper"}, "cluster.namespace"),
     ({"gpu_type": ""}, "cluster.gpu_type"),

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from data_helpers import config_for, make_demo_archive, minimal_entries, write_zip
 
+from pneumonia import storage
 from pneumonia.config import CLASS_NAMES, load_config
-from pneumonia.data.preprocess import run
+from pneumonia.data.preprocess import archive_changed, run
 from pneumonia.errors import BadInputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,3 +177,41 @@ def test_run_on_gcs_root(tmp_path, gcs_root):
     assert sorted(storage.listdir(f"{gcs_root}/interim")) == ["_SUCCESS.json", "bacteria", "config.yaml",
                                                                "normal", "virus"]
     assert run(config) == marker  # already done: nothing rewritten
+
+
+def test_a_known_archive_is_not_read_again_and_a_touched_one_only_updates_the_marker(tmp_path, demo_archive,
+                                                                                    monkeypatch):
+    root = tmp_path / "data"
+    archive = tmp_path / "mine.zip"
+    archive.write_bytes(demo_archive.read_bytes())
+    first = run(config_for(root, archive))
+    assert first["archive_identity"] == storage.identity(str(archive))
+    before = _snapshot(root)
+
+    def no_hashing(path: str) -> str:
+        raise AssertionError(f"read {path} again although the marker names it with the same identity")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(storage, "sha256_file", no_hashing)
+        assert run(config_for(root, archive))["archive_sha256"] == first["archive_sha256"]
+
+    os.utime(archive, ns=(archive.stat().st_atime_ns, archive.stat().st_mtime_ns + 10**9))  # same bytes, touched
+    again = run(config_for(root, archive))
+    assert again["archive_identity"] == storage.identity(str(archive)) != first["archive_identity"]
+    assert again["archive_sha256"] == first["archive_sha256"]
+    after = _snapshot(root)
+    assert {k: v for k, v in after.items() if not k.endswith("_SUCCESS.json")} == \
+        {k: v for k, v in before.items() if not k.endswith("_SUCCESS.json")}  # nothing rebuilt
+
+
+def test_a_replaced_archive_is_noticed_before_it_is_read(tmp_path, demo_archive):
+    root = tmp_path / "data"
+    archive = tmp_path / "mine.zip"
+    archive.write_bytes(demo_archive.read_bytes())
+    marker = run(config_for(root, archive))
+    config = config_for(root, archive)
+    assert archive_changed(marker, config) is None
+    make_demo_archive(tmp_path / "other", num_images=30, seed=5).replace(archive)  # same path, new bytes
+    assert archive_changed(marker, config) == (str(archive), storage.identity(str(archive)))
+    archive.unlink()  # deleted once preprocessed: nothing to compare, the marker is trusted
+    assert archive_changed(marker, config) is None

@@ -18,6 +18,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from pneumonia import storage
 from pneumonia.config import CLASS_NAMES, PipelineConfig, load_config
 from pneumonia.data import imaging, pipeline, shard, tfrecords
 from pneumonia.data.demo import encode_jpeg
@@ -419,3 +420,20 @@ def test_shard_waits_while_the_interim_marker_is_from_the_old_config(tmp_path: P
         replaced.join()
     assert time.monotonic() - started >= 1.0
     assert marker["splits"]["train"]["num_records"] == 6
+
+
+def test_shard_refuses_interim_made_from_an_archive_replaced_since(tmp_path: Path) -> None:
+    """kubectl apply after uploading another archive: the old marker stays while preprocess hashes the new one."""
+    make_interim(tmp_path, {"train": (2, 2, 2)})
+    archive = tmp_path / "raw" / "chest_xray.zip"
+    archive.parent.mkdir(parents=True)
+    archive.write_bytes(b"PK the archive preprocess read")
+    marker_path = tmp_path / "interim" / "_SUCCESS.json"
+    made = json.loads(marker_path.read_text())
+    marker_path.write_text(json.dumps({**made, "archive": str(archive),
+                                       "archive_identity": storage.identity(str(archive))}))
+    archive.write_bytes(b"PK another archive, uploaded over it")
+    with pytest.raises(BadInputError, match=rf"interim/ was made with the archive={archive} \(mtime_ns=.*rerun "
+                                            "preprocess"):
+        shard.run(config_for(tmp_path, f"data.archive={archive}", "cluster.upstream_wait_timeout_s=0"))
+    assert not (tmp_path / "processed").exists()

@@ -212,3 +212,13 @@ def test_tensorflow_reads_and_writes_gcs_through_the_proxy(gcs_root: str) -> Non
     # And google-cloud-storage sees what TF wrote: both clients share one emulator.
     bucket, name = storage.split_gcs(shard)
     assert storage.gcs_client().bucket(bucket).get_blob(name).size == tf.io.gfile.stat(shard).length
+
+
+def test_identity_changes_with_the_bytes_and_is_none_when_missing(any_root: str) -> None:
+    path = storage.join(any_root, "raw", "archive.zip")
+    assert storage.identity(path) is None
+    storage.write_bytes(path, b"first archive")
+    first = storage.identity(path)
+    assert first is not None and first == storage.identity(path)
+    storage.write_bytes(path, b"second archive, longer")
+    assert storage.identity(path) not in (None, first)

@@ -23,8 +23,9 @@ import tf_keras as keras
 
 from pneumonia.config import load_config
 from pneumonia.errors import EXIT_PREEMPTED, BadInputError, ConfigError
+from pneumonia.layout import Layout
 from pneumonia.training import fit
-from pneumonia.training.callbacks import HistoryRecorder, weights_sha256
+from pneumonia.training.callbacks import BestWeights, HistoryRecorder, read_best_weights_record, weights_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -184,10 +185,13 @@ def test_class_weights_come_in_label_order_and_weight_the_loss():
 
 def test_resume_config_check_ignores_only_process_keys():
     base = load_config(None, ["train.run_id=r"]).to_dict()
-    moved = load_config(None, ["train.run_id=r", "train.max_epochs_this_process=1"]).to_dict()
-    changed = load_config(None, ["train.run_id=r", "train.learning_rate=0.5"]).to_dict()
+    moved = load_config(None, ["train.run_id=r", "train.max_epochs_this_process=1",
+                               "cluster.image=registry.example/pneumonia:v2", "cluster.gpu_type=nvidia-a100-80gb",
+                               "shard.num_workers=4"]).to_dict()  # a resume after a fix, on other GPUs
     assert fit.comparable_config(base) == fit.comparable_config(moved)
-    assert fit.comparable_config(base) != fit.comparable_config(changed)
+    for setting in ("train.learning_rate=0.5", "cluster.num_workers=2", "shard.image_height=128"):
+        changed = load_config(None, ["train.run_id=r", setting]).to_dict()
+        assert fit.comparable_config(base) != fit.comparable_config(changed), setting
 
 
 def test_history_keeps_earlier_epochs_and_drops_the_ones_a_resume_redoes(tmp_path: Path):
@@ -196,7 +200,6 @@ def test_history_keeps_earlier_epochs_and_drops_the_ones_a_resume_redoes(tmp_pat
     recorder.on_epoch_begin(2)  # the backup ended at epoch 1: epoch 2's record is redone
     assert [r["epoch"] for r in recorder.epochs] == [0, 1]
     assert recorder.first_epoch_run == 2
-    assert recorder.best("loss") == 1.0
 
 
 def test_weights_checksum_changes_with_any_weight():
@@ -207,6 +210,43 @@ def test_weights_checksum_changes_with_any_weight():
     kernel[1] = kernel[1] + 1e-6
     model.set_weights(kernel)
     assert weights_sha256(model) != before
+
+
+def test_training_refuses_inputs_made_from_an_archive_replaced_since(data_root: str):
+    archive = Path(data_root) / "raw" / "chest_xray.zip"
+    archive.parent.mkdir(parents=True)
+    archive.write_bytes(b"PK the archive the shards came from")
+    marker_path = Path(data_root) / "interim" / "_SUCCESS.json"
+    marker_path.write_text(json.dumps({**json.loads(marker_path.read_text()),
+                                       "archive_identity": fit.storage.identity(str(archive))}))
+    config = tiny_config(data_root, "replaced")  # no data.archive: the single zip under raw/
+    fit.wait_for_current_inputs(Layout.of(config), config)  # the same archive: no wait
+    archive.write_bytes(b"PK a new archive, not preprocessed yet")
+    with pytest.raises(BadInputError, match="which has been replaced since"):
+        fit.wait_for_current_inputs(Layout.of(config), config)
+
+
+def test_best_weights_file_carries_its_epoch_and_score_across_a_resume(tmp_path: Path):
+    model = keras.Sequential([keras.layers.Input((4,)), keras.layers.Dense(2)])
+    destination = str(tmp_path / "checkpoints" / "best.weights.h5")
+    first = BestWeights(destination, is_chief=True, monitor="val_cohen_kappa")
+    first.set_model(model)
+    assert first.saved is None
+    first.on_epoch_end(0, {"val_cohen_kappa": 0.5})
+    first.on_epoch_end(1, {"val_cohen_kappa": 0.9})  # then a crash before epoch 1's backup: epoch 1 is redone
+    first.close()
+    saved_bytes = Path(destination).read_bytes()
+
+    resumed = BestWeights(destination, is_chief=True, monitor="val_cohen_kappa")
+    resumed.set_model(model)
+    assert resumed.saved == {"epoch": 1, "value": pytest.approx(0.9)}  # from the file, not from a history
+    resumed.on_epoch_end(1, {"val_cohen_kappa": 0.7})  # the redo scores lower: the file stays as it is
+    assert Path(destination).read_bytes() == saved_bytes and resumed.saved["epoch"] == 1
+    resumed.on_epoch_end(2, {"val_cohen_kappa": 0.95})
+    assert resumed.saved == {"epoch": 2, "value": pytest.approx(0.95)}
+    assert read_best_weights_record(destination, str(tmp_path)) == resumed.saved
+    model.load_weights(destination)  # the attributes do not get in the way of loading
+    resumed.close()
 
 
 # --- training in this process ------------------------------------------------------------------------
@@ -233,6 +273,9 @@ def test_stop_after_one_epoch_then_resume_across_the_warmup_switch(data_root: st
     assert marker == done and marker["weights_sha256"]
     best = run_dir / "checkpoints" / "best.weights.h5"
     assert marker["best_weights_sha256"] == fit.storage.sha256_file(str(best))
+    best_epoch = max(history["epochs"], key=lambda r: r["val_cohen_kappa"])["epoch"]  # the first of any ties
+    assert marker["best"]["epoch"] == best_epoch
+    assert marker["best"]["value"] == pytest.approx(history["epochs"][best_epoch]["val_cohen_kappa"])
     assert not (run_dir / "backup").exists()  # removed once the marker exists
 
     exported = keras.models.load_model(str(run_dir / "model"), compile=False)

@@ -7,6 +7,7 @@ YAML file fails before any work starts instead of silently running with a defaul
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -173,8 +174,9 @@ class TrainConfig:
         _require(self.max_epochs_this_process >= 0, "train.max_epochs_this_process",
                  self.max_epochs_this_process, ">= 0")
         if self.run_id:
-            _require(all(c.isalnum() or c in "-_." for c in self.run_id), "train.run_id", self.run_id,
-                     "letters, digits, '-', '_' and '.' only")
+            # A leading letter or digit keeps '.' and '..' (which would put the run in the data root) out.
+            _require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_id) is not None, "train.run_id",
+                     self.run_id, "ASCII letters, digits, '-', '_' and '.', starting with a letter or digit")
 
 
 @dataclass(frozen=True)

@@ -226,6 +226,24 @@ def gcs_client() -> Any:
     return _clients[key]
 
 
+def identity(path: str) -> str | None:
+    """A cheap identity of a file's bytes, found without reading them; None when there is no such file.
+
+    gs://: the object's CRC32C and size, which GCS keeps with every object (one metadata request).
+    Local: size and modification time, which any rewrite or copy changes. Used to notice a replaced
+    archive in seconds where its sha256 takes a full read of 1.2 GB.
+    """
+    if is_gcs(path):
+        bucket_name, name = split_gcs(path)
+        blob = gcs_client().bucket(bucket_name).get_blob(name)
+        return None if blob is None else f"crc32c={blob.crc32c},size={blob.size}"
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return f"mtime_ns={stat.st_mtime_ns},size={stat.st_size}"
+
+
 def upload_file(local_path: str, url: str, progress: Callable[[int, int], None] | None = None) -> bool:
     """Uploads a local file to gs:// resumably, verified by CRC32C; skips it if the same object is there.
 

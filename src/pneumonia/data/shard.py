@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from pneumonia import cluster, storage
 from pneumonia.config import CLASS_NAMES, PipelineConfig
-from pneumonia.data import imaging, pipeline, roundtrip, tfrecords
+from pneumonia.data import imaging, pipeline, preprocess, roundtrip, tfrecords
 from pneumonia.errors import BadInputError
 from pneumonia.layout import CONFIG_NAME, MARKER_NAME, Layout
 from pneumonia.logs import get_logger
@@ -118,9 +118,10 @@ def wait_for_interim(layout: Layout, config: PipelineConfig) -> dict[str, Any]:
     """Waits (bounded by cluster.upstream_wait_timeout_s) for an interim marker made with this config's
     split and data settings; returns it.
 
-    An old marker is what `kubectl apply` after a config change shows while preprocess still hashes
-    the archive: sharding against it would call old shards done and train on the old split. Past the
-    timeout a marker that still does not match is bad input (exit 2) naming the settings.
+    An old marker is what `kubectl apply` after a config change, or after replacing the archive,
+    shows while preprocess still hashes the archive: sharding against it would call old shards done
+    and train on the old split. Past the timeout a marker that still does not match is bad input
+    (exit 2) naming the settings.
     """
     timeout_s = config.cluster.upstream_wait_timeout_s
     deadline = time.monotonic() + timeout_s
@@ -133,6 +134,10 @@ def wait_for_interim(layout: Layout, config: PipelineConfig) -> dict[str, Any]:
         except (ValueError, tf.errors.NotFoundError):
             marker = None  # being replaced by a preprocess run right now
         mismatches = _interim_mismatches(marker, expected) if marker is not None else None
+        changed = preprocess.archive_changed(marker, config) if marker is not None else None
+        if changed is not None:
+            mismatches = [*(mismatches or []), ("the archive", f"{marker.get('archive')} "
+                                                f"({marker.get('archive_identity')})", f"{changed[0]} ({changed[1]})")]
         if mismatches == []:
             return marker
         now = time.monotonic()

@@ -512,25 +512,33 @@ class Launcher:
 
     def clear_old_jobs(self, jobs: dict[str, dict[str, Any]]) -> dict[str, JobState]:
         """Job names are fixed, so another run's Jobs must go first: finished ones are deleted, running
-        ones stop the launch (the ConfigMap they read would change under them). Returns this run's
-        existing Jobs (name -> state), which the launcher follows instead of creating."""
+        ones stop the launch (the ConfigMap they read would change under them). This run's failed
+        Jobs are deleted too, to be created again: that is what resuming a run means (training goes on
+        from the run's backup in the bucket). Returns this run's other existing Jobs (name -> state),
+        which the launcher follows instead of creating."""
         attached: dict[str, JobState] = {}
         stale = []
-        for job in jobs.values():
+        for stage, job in jobs.items():
             name = job["metadata"]["name"]
             existing = self.client.read_job(name)
             if existing is None:
                 continue
             owner = (existing.metadata.labels or {}).get(mf.LABEL_INSTANCE, "")
-            if owner == self.run_id:
-                attached[name] = job_state(existing)
-            elif not job_state(existing).done:
+            state = job_state(existing)
+            if owner == self.run_id and state.phase == "failed":
+                self.say(f"[{stage}] the Job {name} of run {self.run_id} failed earlier ({state.reason or 'no reason'})"
+                         "; deleting it to run it again")
+                stale.append((name, None))
+            elif owner == self.run_id:
+                attached[name] = state
+            elif not state.done:
                 raise LaunchError(f"Job {name} of run {owner or '(unlabelled)'} is still running; wait for it or "
                                   f"delete it: python -m pneumonia.k8s delete --run-id {owner}")
             else:
                 stale.append((name, owner))
         for name, owner in stale:
-            self.say(f"deleting the finished Job {name} of run {owner} (its outputs stay in the bucket)")
+            if owner is not None:
+                self.say(f"deleting the finished Job {name} of run {owner} (its outputs stay in the bucket)")
             self.client.delete_job(name)
         for name, _ in stale:
             self._wait_gone(name)

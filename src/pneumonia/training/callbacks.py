@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Any
 
+import h5py
 import numpy as np
 import tensorflow as tf
 import tf_keras as keras
@@ -174,16 +175,21 @@ class BestWeights(keras.callbacks.ModelCheckpoint):
 
     h5py writes only local files, so Keras saves to a local scratch file on every worker (Keras
     itself moves non-chief saves into a throwaway folder), and the chief copies an improved file
-    to `destination` atomically. `initial_best` carries the best score over a resume, so a worse
-    first epoch after a restart does not replace a better checkpoint.
+    to `destination` atomically. The file carries its own epoch and score as HDF5 attributes, so
+    what it holds is known whatever happened around it: a resume starts from that score (a worse
+    first epoch after a restart does not replace a better checkpoint), and the run marker reports
+    it. The history is no substitute: a crash after this file but before the epoch's backup redoes
+    the epoch, and the history then keeps the redo while this file keeps the first attempt.
     """
 
     def __init__(self, destination: str, is_chief: bool, monitor: str = "val_cohen_kappa",
-                 initial_best: float | None = None, skip: Any = None) -> None:
+                 skip: Any = None) -> None:
         self._scratch = tempfile.mkdtemp(prefix="pneumonia-best-")
-        super().__init__(os.path.join(self._scratch, "best.weights.h5"), monitor=monitor, mode="max",
-                         save_best_only=True, save_weights_only=True, initial_value_threshold=initial_best)
         self.destination = destination
+        self.saved = read_best_weights_record(destination, self._scratch)  # {"epoch", "value"} or None
+        super().__init__(os.path.join(self._scratch, "best.weights.h5"), monitor=monitor, mode="max",
+                         save_best_only=True, save_weights_only=True,
+                         initial_value_threshold=self.saved["value"] if self.saved else None)
         self.is_chief = is_chief
         self._skip = skip or (lambda: False)
 
@@ -192,14 +198,41 @@ class BestWeights(keras.callbacks.ModelCheckpoint):
             return  # an epoch cut short by a stop request is not a complete epoch to compare
         before = self.best
         super().on_epoch_end(epoch, logs)
-        if self.best != before and self.is_chief:
+        if self.best == before:
+            return
+        self.saved = {"epoch": int(epoch), "value": float(self.best)}
+        if self.is_chief:
+            with h5py.File(self.filepath, "a") as weights:
+                weights.attrs[_BEST_EPOCH_ATTR] = self.saved["epoch"]
+                weights.attrs[_BEST_VALUE_ATTR] = self.saved["value"]
             with storage.atomic_path(self.destination) as temp:
                 tf.io.gfile.copy(self.filepath, temp, overwrite=True)
-            log.info("best weights", epoch=epoch, monitor=self.monitor, value=float(self.best),
+            log.info("best weights", epoch=epoch, monitor=self.monitor, value=self.saved["value"],
                      path=self.destination)
 
     def close(self) -> None:
         shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+_BEST_EPOCH_ATTR = "pneumonia_best_epoch"
+_BEST_VALUE_ATTR = "pneumonia_best_value"
+
+
+def read_best_weights_record(path: str, scratch_dir: str) -> dict[str, Any] | None:
+    """{"epoch", "value"} stored in a best-weights file by BestWeights; None when there is no such file."""
+    if not storage.exists(path):
+        return None
+    local = os.path.join(scratch_dir, "previous-best.weights.h5")
+    tf.io.gfile.copy(path, local, overwrite=True)  # h5py reads local files only
+    try:
+        with h5py.File(local, "r") as weights:
+            if _BEST_EPOCH_ATTR not in weights.attrs:
+                return None  # written before the file carried its score: the next epoch replaces it
+            return {"epoch": int(weights.attrs[_BEST_EPOCH_ATTR]), "value": float(weights.attrs[_BEST_VALUE_ATTR])}
+    except OSError:
+        return None  # not an HDF5 file (truncated by hand, say): the next epoch replaces it
+    finally:
+        os.remove(local)
 
 
 class HistoryRecorder(keras.callbacks.Callback):
@@ -260,10 +293,6 @@ class HistoryRecorder(keras.callbacks.Callback):
     def write(self, complete: bool) -> None:
         if self.path:
             storage.write_json(self.path, self.document(complete))
-
-    def best(self, monitor: str) -> float | None:
-        values = [r[monitor] for r in self.epochs if isinstance(r.get(monitor), (int, float))]
-        return max(values) if values else None
 
 
 def _plain(value: Any) -> Any:

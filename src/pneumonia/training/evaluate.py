@@ -87,6 +87,25 @@ def predict_dataset(model: keras.Model, dataset: tf.data.Dataset) -> tuple[np.nd
     return np.concatenate(labels), np.concatenate(probabilities), paths
 
 
+def check_test_shards_fit_run(run_id: str, run_marker: dict[str, Any], run_config: PipelineConfig,
+                              shards_marker: dict[str, Any], processed_dir: str) -> None:
+    """Refuses test shards from another split (they may hold training images) or stored otherwise.
+
+    Only the split and the stored pixels matter: shards rewritten for another worker count or
+    shard size (the rest of the shards' fingerprint) hold the same test images.
+    """
+    trained_split = run_marker.get("inputs", {}).get("split_manifest_sha256")
+    if trained_split and trained_split != shards_marker.get("split_manifest_sha256"):
+        raise BadInputError(f"the shards in {processed_dir} come from another split than run {run_id} trained on: "
+                            "its test set may overlap what it trained on. Evaluate a run trained on this split, or "
+                            "rerun preprocess and shard with the run's config")
+    stored_as = shards_marker.get("image", {}).get("encoding")
+    if stored_as != run_config.shard.encoding:
+        raise BadInputError(f"the test shards in {processed_dir} are stored as {stored_as}, run {run_id} trained on "
+                            f"{run_config.shard.encoding}; reshard with the run's config (shard.encoding="
+                            f"{run_config.shard.encoding})")
+
+
 def run(config: PipelineConfig) -> dict[str, Any]:
     """The stage body (jobs/evaluate.py); returns metrics.json's content.
 
@@ -103,11 +122,8 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     size_dir = run_config.shard.size_dir
     processed_dir = layout.processed(size_dir)
     marker = pipeline.verify_shards(processed_dir, ("test",))
-    trained_on = storage.read_json(layout.run_marker(run_id)).get("inputs", {}).get("shards_fingerprint")
-    if trained_on and trained_on != marker.get("fingerprint"):
-        raise BadInputError(f"the shards in {processed_dir} changed since run {run_id} trained (another split or "
-                            "shard config): its test set may overlap what it trained on. Evaluate a run trained "
-                            "on these shards, or reshard with the run's config")
+    check_test_shards_fit_run(run_id, storage.read_json(layout.run_marker(run_id)), run_config, marker,
+                              processed_dir)
     test_shards = pipeline.shard_paths(processed_dir, "test", marker)
     weights_path = checkpoint_path(run_dir)
     fingerprint = _fingerprint(weights_path, marker)

@@ -22,7 +22,7 @@ import yaml
 
 from pneumonia import cluster, storage
 from pneumonia.config import CLASS_NAMES, PipelineConfig, TrainConfig
-from pneumonia.data import pipeline
+from pneumonia.data import pipeline, preprocess
 from pneumonia.errors import EXIT_PREEMPTED, BadInputError, ConfigError, UpstreamMissingError
 from pneumonia.layout import CONFIG_NAME, Layout
 from pneumonia.logs import get_logger
@@ -42,9 +42,14 @@ log = get_logger(__name__)
 MONITOR = "val_cohen_kappa"
 BEST_WEIGHTS_NAME = "best.weights.h5"
 MODEL_FORMAT = "tf_keras SavedModel (load with tf_keras.models.load_model(path, compile=False))"
-# Keys that steer only this process, not the run: a resume may change them.
+# Keys that steer only this process or where and from what image it runs, not what is trained: a
+# resume may change them. The image is among them because `make train-cluster RUN_ID=...` tags
+# every commit anew, and resuming after a fix is the point of resuming. The shard keys are the
+# shard stage's own (its writers, not the shards' content, which the shards' fingerprint covers).
 _PROCESS_KEYS = {"train": ("max_epochs_this_process",),
-                 "cluster": ("upstream_wait_timeout_s", "peer_wait_timeout_s")}
+                 "shard": ("num_workers", "index", "marker_wait_timeout_s"),
+                 "cluster": ("upstream_wait_timeout_s", "peer_wait_timeout_s", "image", "gpu_type", "namespace",
+                             "train_job_name", "train_service_name", "worker_port")}
 
 
 @dataclass(frozen=True)
@@ -142,13 +147,18 @@ def wait_for_current_inputs(layout: Layout, config: PipelineConfig, poll_s: floa
                        (layout.processed_marker(config.shard.size_dir), "the shards")):
         storage.wait_for(path, max(0.0, deadline - time.monotonic()), what=what)
     while True:
-        interim_split = storage.read_json(layout.interim_marker).get("config", {}).get("split")
+        interim_marker = storage.read_json(layout.interim_marker)
+        interim_split = interim_marker.get("config", {}).get("split")
         manifest_bytes = storage.read_bytes(layout.split_manifest)
         marker = pipeline.read_marker(processed_dir)
         problems = []
         if interim_split != dataclasses.asdict(config.split):
             problems.append(f"interim/ was split with {interim_split}, this config has "
                             f"{dataclasses.asdict(config.split)} (rerun preprocess)")
+        changed = preprocess.archive_changed(interim_marker, config)
+        if changed is not None:
+            problems.append(f"interim/ was made from {interim_marker.get('archive')}, which has been replaced since "
+                            f"({changed[0]} is now {changed[1]}; rerun preprocess)")
         manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
         if marker.get("split_manifest", {}).get("sha256") != manifest_sha256:
             problems.append(f"the shards in {processed_dir} were written from another split manifest (rerun shard)")
@@ -235,7 +245,7 @@ def run(config: PipelineConfig) -> dict[str, Any] | None:
     history = HistoryRecorder(history_path if spec.is_chief else None, meta, previous.get("epochs"),
                               images_per_step=global_batch, skip=stopped)
     best = BestWeights(storage.join(layout.checkpoints(run_id), BEST_WEIGHTS_NAME), spec.is_chief,
-                       monitor=MONITOR, initial_best=history.best(MONITOR), skip=stopped)
+                       monitor=MONITOR, skip=stopped)
     limit = EpochLimit(config.train.max_epochs_this_process)
     try:
         for phase in phases:
@@ -290,17 +300,12 @@ def _finish(model: keras.Model, config: PipelineConfig, layout: Layout, spec: cl
         return {"weights_sha256": checksum}
     history.write(complete=True)
     best_path = best.destination
-    best_epoch = None
-    best_value = history.best(MONITOR)
-    for record in history.epochs:
-        if record.get(MONITOR) == best_value:
-            best_epoch = record["epoch"]  # the first epoch to reach it: later ties do not overwrite the file
-            break
+    saved = best.saved or {}  # what the best-weights file holds, read from the file's own record
     done = {
         "run_id": run_id,
         "config": config.to_dict(),
         "final_metrics": history.epochs[-1] if history.epochs else {},
-        "best": {"monitor": MONITOR, "value": best_value, "epoch": best_epoch},
+        "best": {"monitor": MONITOR, "value": saved.get("value"), "epoch": saved.get("epoch")},
         "weights_sha256": checksum,
         "best_weights": best_path,
         "best_weights_sha256": storage.sha256_file(best_path) if storage.exists(best_path) else None,
