@@ -48,7 +48,12 @@ BENCH_ARGS ?=
 .PHONY: help
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "Variables: ARCHIVE=path.zip WORKERS=$(WORKERS) CONFIG=$(CONFIG) DATA_ROOT=$(DATA_ROOT) SET='key=value ...'"
+	@echo "Variables (local):   ARCHIVE=path.zip WORKERS=$(WORKERS) CONFIG=$(CONFIG) DATA_ROOT=$(DATA_ROOT)"
+	@echo "                     SET='key=value ...' RUN_ID=id (resume or re-evaluate) DEMO_IMAGES=$(DEMO_IMAGES)"
+	@echo "Variables (cluster): PROJECT REGION BUCKET=gs://bucket/prefix IMAGE (default: tag from git describe)"
+	@echo "                     WORKERS GPUS_PER_WORKER=$(GPUS_PER_WORKER) GPU_TYPE=$(GPU_TYPE) NAMESPACE=$(NAMESPACE)"
+	@echo "                     CONTEXT ARCHIVE RUN_ID DRY_RUN=1 K8S_FLAGS='...' BASE_IMAGE BAKE_WEIGHTS=$(BAKE_WEIGHTS)"
+	@echo "Variables (tests):   PYTEST_ARGS='...' BENCH_ARGS='...'"
 
 .PHONY: setup
 setup: $(VENV)/.setup-stamp ## Create .venv and install the package with its test tools (quick when done)

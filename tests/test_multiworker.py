@@ -27,6 +27,7 @@ from test_train import (  # noqa: F401 - tiny_shards is a fixture
     tiny_shards,
 )
 
+from pneumonia.training import local_workers
 from pneumonia.training.local_workers import loopback_tf_configs
 
 PEER_EXIT_TIMEOUT_S = 90
@@ -37,6 +38,27 @@ def launcher(args: list[str], env: dict[str, str], timeout_s: int = RUN_TIMEOUT_
     return subprocess.run([PYTHON, "-m", "pneumonia.training.local_workers", "--workers", "2",
                            "--timeout-s", str(timeout_s - 30), "--", *args],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+
+
+@pytest.mark.parametrize(("visible", "expected"), [
+    ("", None),  # no GPU: the workers' environment is left alone
+    ("-1", None),
+    ("0", ["-1", "-1"]),  # one GPU for two workers: both on the CPU, never sharing it
+    ("3,GPU-5f2c", ["3", "GPU-5f2c"]),  # one each, by the ids the machine gave
+    ("0,1,2", ["0", "1"]),
+])
+def test_each_local_worker_gets_its_own_gpu_or_none(visible: str, expected: list[str] | None,
+                                                     tmp_path: Path) -> None:
+    entrypoint = tmp_path / "show_env.py"
+    entrypoint.write_text("import json, os, sys\n"
+                          "index = json.loads(os.environ['TF_CONFIG'])['task']['index']\n"
+                          "open(sys.argv[1] + str(index), 'w').write(os.environ.get('CUDA_VISIBLE_DEVICES', 'unset'))\n")
+    out = tmp_path / "gpu-of-worker-"
+    processes = local_workers.launch(2, [str(out)], env={**os.environ, "CUDA_VISIBLE_DEVICES": visible},
+                                     entrypoint=entrypoint)
+    assert local_workers.supervise(processes, timeout_s=60) == 0
+    seen = [(tmp_path / f"gpu-of-worker-{i}").read_text() for i in range(2)]
+    assert seen == (expected or [visible, visible])
 
 
 def by_worker(all_events: list[dict], event: str) -> dict[int, list[dict]]:

@@ -284,7 +284,8 @@ def test_stop_after_one_epoch_then_resume_across_the_warmup_switch(data_root: st
 
     again = fit.run(tiny_config(data_root, "resume"))
     assert again == marker  # already done: nothing retrained
-    with pytest.raises(BadInputError, match="different config"):
+    with pytest.raises(BadInputError, match=r"already finished with a different config \(changed: "
+                                            r"train\.learning_rate;"):
         fit.run(tiny_config(data_root, "resume", "train.learning_rate=0.01"))
 
 

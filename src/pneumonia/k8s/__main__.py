@@ -27,16 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Run the pneumonia pipeline as Kubernetes Jobs and follow it.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def cluster_args(sub: argparse.ArgumentParser) -> None:
+    def cluster_args(sub: argparse.ArgumentParser, follows: bool = False) -> None:
         sub.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
         sub.add_argument("--context", default=None, help="kubeconfig context (default: the current one)")
         sub.add_argument("--namespace", default=None, help="namespace (default: cluster.namespace of the config)")
-        sub.add_argument("--poll-s", type=float, default=10.0, help="seconds between status polls")
-        sub.add_argument("--timeout-s", type=float, default=None,
-                         help="stop following a stage after this long (default: its activeDeadlineSeconds + 10 min)")
+        if follows:  # only run and logs keep polling
+            sub.add_argument("--poll-s", type=float, default=10.0, help="seconds between status polls")
+            sub.add_argument("--timeout-s", type=float, default=None,
+                             help="stop following after this long (default: a stage's activeDeadlineSeconds + 10 min)")
 
     run = commands.add_parser("run", help="apply the manifests, create the stage Jobs in order, follow them")
-    cluster_args(run)
+    cluster_args(run, follows=True)
     run.add_argument("--config", default=str(mf.CLUSTER_CONFIG), help="pipeline config (default: %(default)s)")
     run.add_argument("--manifests", default=str(mf.MANIFEST_DIR), help="manifest folder (default: %(default)s)")
     run.add_argument("--image", help="pinned container image (tag or digest, never :latest)")
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--run-id", help="the run (default: list every run in the namespace)")
 
     logs = commands.add_parser("logs", help="a stage pod's log (default: the train chief, index 0)")
-    cluster_args(logs)
+    cluster_args(logs, follows=True)
     logs.add_argument("--run-id", required=True)
     logs.add_argument("--stage", default="train", choices=mf.STAGES)
     logs.add_argument("--index", type=int, default=0, help="pod index of an Indexed Job (train 0 is the chief)")
@@ -83,10 +84,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             return _run(args, out)
         namespace = args.namespace or load_config(mf.CLUSTER_CONFIG).cluster.namespace
         client = ln.KubeClient(args.kubeconfig, args.context, namespace)
-        options = ln.FollowOptions(poll_s=args.poll_s, timeout_s=args.timeout_s)
         if args.command == "status":
             return ln.show_status(client, args.run_id, out)
         if args.command == "logs":
+            options = ln.FollowOptions(poll_s=args.poll_s, timeout_s=args.timeout_s)
             return ln.show_logs(client, args.run_id, args.stage, args.index, args.tail, args.follow, options, out)
         if not args.yes and not ln._ask(f"Delete the Jobs of run {args.run_id} (and their pods)? [y/N] "):
             return ln.EXIT_OK

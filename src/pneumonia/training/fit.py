@@ -179,6 +179,15 @@ def comparable_config(tree: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
+def changed_keys(previous: dict[str, Any], config: PipelineConfig) -> list[str]:
+    """The section.key names whose values differ between a run's saved config and `config`,
+    leaving out the keys a resume may change (comparable_config)."""
+    before, now = comparable_config(previous), comparable_config(config.to_dict())
+    return sorted(f"{section}.{key}" for section in sorted(set(before) | set(now))
+                  for key in set(before.get(section, {})) | set(now.get(section, {}))
+                  if before.get(section, {}).get(key) != now.get(section, {}).get(key))
+
+
 def run(config: PipelineConfig) -> dict[str, Any] | None:
     """Trains `config.train.run_id`; returns the run marker, or None when stopped early on purpose.
 
@@ -350,9 +359,10 @@ def _already_finished(layout: Layout, config: PipelineConfig) -> dict[str, Any] 
     if not storage.exists(marker_path):
         return None
     done = storage.read_json(marker_path)
-    if comparable_config(done.get("config", {})) != comparable_config(config.to_dict()):
-        raise BadInputError(f"run {config.train.run_id} already finished with a different config "
-                            f"({marker_path}); choose a new train.run_id")
+    changed = changed_keys(done.get("config", {}), config)
+    if changed:
+        raise BadInputError(f"run {config.train.run_id} already finished with a different config (changed: "
+                            f"{', '.join(changed)}; {marker_path}); choose a new train.run_id")
     log.info("already done: run marker exists with the same config", marker=marker_path)
     return done
 
@@ -362,10 +372,7 @@ def _check_resume_config(layout: Layout, config: PipelineConfig) -> None:
     path = storage.join(layout.run(config.train.run_id), CONFIG_NAME)
     if not storage.exists(path):
         return
-    previous = yaml.safe_load(storage.read_text(path)) or {}
-    if comparable_config(previous) != comparable_config(config.to_dict()):
-        changed = sorted(f"{section}.{key}" for section, values in comparable_config(config.to_dict()).items()
-                         for key, value in values.items()
-                         if comparable_config(previous).get(section, {}).get(key) != value)
+    changed = changed_keys(yaml.safe_load(storage.read_text(path)) or {}, config)
+    if changed:
         raise BadInputError(f"run {config.train.run_id} was started with a different config (changed: "
                             f"{', '.join(changed)}); resume with the same config or choose a new train.run_id")

@@ -60,12 +60,49 @@ def with_run_id(train_args: Sequence[str]) -> list[str]:
     return [*args, "--set", f"train.run_id={new_run_id()}"]
 
 
+def visible_gpus(env: dict[str, str]) -> list[str]:
+    """The GPU ids this machine offers the workers: CUDA_VISIBLE_DEVICES if set, else nvidia-smi's list.
+
+    Asked without importing TensorFlow, which would claim the GPUs in this supervising process.
+    """
+    if "CUDA_VISIBLE_DEVICES" in env:
+        ids = [gpu.strip() for gpu in env["CUDA_VISIBLE_DEVICES"].split(",") if gpu.strip()]
+        return [] if ids[:1] == ["-1"] else ids
+    try:
+        listing = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []  # no driver, no GPU
+    return [line.strip() for line in listing.splitlines() if line.strip()]
+
+
+def gpus_per_worker(num_workers: int, gpus: Sequence[str]) -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES for each worker, or None to leave it alone (no GPU).
+
+    One GPU each when there are enough. With fewer GPUs than workers every worker trains on the
+    CPU: two TensorFlow processes on one GPU each take its memory and NCCL refuses a GPU twice in
+    one collective, and a mix of GPU and CPU workers cannot agree on a collective implementation.
+    """
+    if not gpus:
+        return None
+    if len(gpus) >= num_workers:
+        return list(gpus[:num_workers])
+    return ["-1"] * num_workers
+
+
 def launch(num_workers: int, train_args: Sequence[str], *, env: dict[str, str] | None = None,
            entrypoint: Path = TRAIN_ENTRYPOINT) -> list[subprocess.Popen]:
     base = dict(os.environ if env is None else env)
+    gpus = visible_gpus(base)
+    assigned = gpus_per_worker(num_workers, gpus)
+    if assigned and assigned[0] == "-1":
+        log.warning("fewer GPUs than workers: every worker trains on the CPU (use as many workers as GPUs, or "
+                    "one worker, to train on them)", num_gpus=len(gpus), num_workers=num_workers)
     processes = []
-    for tf_config in loopback_tf_configs(num_workers):
+    for index, tf_config in enumerate(loopback_tf_configs(num_workers)):
         worker_env = {**base, "TF_CONFIG": json.dumps(tf_config)}
+        if assigned:
+            worker_env["CUDA_VISIBLE_DEVICES"] = assigned[index]
         worker_env.pop("JOB_COMPLETION_INDEX", None)
         processes.append(subprocess.Popen([sys.executable, str(entrypoint), *train_args], env=worker_env))
     return processes
