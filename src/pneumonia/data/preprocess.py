@@ -39,9 +39,10 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     archive_path = resolve_archive(config, layout)
     archive_lib.require_archive(archive_path)
     archive_identity = storage.identity(archive_path)
-    archive_sha256 = _known_sha256(layout, archive_path, archive_identity) or storage.sha256_file(archive_path)
+    previous = _read_marker(layout)
+    archive_sha256 = _known_sha256(previous, archive_path, archive_identity) or storage.sha256_file(archive_path)
     fingerprint = _fingerprint(config, archive_sha256)
-    done = _finished_marker(layout, fingerprint)
+    done = _finished_marker(layout, previous, fingerprint)
     if done is not None:
         if (done.get("archive"), done.get("archive_identity")) != (archive_path, archive_identity):
             # Same bytes under another path or timestamp: the later stages compare the identity.
@@ -117,16 +118,23 @@ def resolve_archive(config: PipelineConfig, layout: Layout) -> str:
                         "pass --set data.archive=PATH (or make one: python -m pneumonia.data.demo --out PATH)")
 
 
-def _known_sha256(layout: Layout, archive_path: str, archive_identity: str | None) -> str | None:
-    """The sha256 the marker recorded, when the archive is the one it names, by path and identity.
-
-    Saves reading the whole archive again (minutes for 1.2 GB on gs://) just to find nothing to do.
-    """
-    if archive_identity is None or not storage.exists(layout.interim_marker):
+def _read_marker(layout: Layout) -> dict[str, Any] | None:
+    """The interim marker of an earlier run, or None (none, or unreadable: then everything is redone)."""
+    if not storage.exists(layout.interim_marker):
         return None
     try:
         marker = storage.read_json(layout.interim_marker)
     except ValueError:
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def _known_sha256(marker: dict[str, Any] | None, archive_path: str, archive_identity: str | None) -> str | None:
+    """The sha256 the marker recorded, when the archive is the one it names, by path and identity.
+
+    Saves reading the whole archive again (minutes for 1.2 GB on gs://) just to find nothing to do.
+    """
+    if marker is None or archive_identity is None:
         return None
     if (marker.get("archive"), marker.get("archive_identity")) != (archive_path, archive_identity):
         return None
@@ -158,13 +166,9 @@ def _fingerprint(config: PipelineConfig, archive_sha256: str) -> dict[str, Any]:
             "split": dataclasses.asdict(config.split)}
 
 
-def _finished_marker(layout: Layout, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
-    if not storage.exists(layout.interim_marker) or not storage.exists(layout.split_manifest):
+def _finished_marker(layout: Layout, marker: dict[str, Any] | None, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    if marker is None or not storage.exists(layout.split_manifest):
         return None
-    try:
-        marker = storage.read_json(layout.interim_marker)
-    except ValueError:
-        return None  # unreadable marker: redo
     if marker.get("fingerprint") != fingerprint:
         log.info("inputs changed; redoing", marker=layout.interim_marker)
         return None

@@ -517,7 +517,7 @@ class Launcher:
         from the run's backup in the bucket). Returns this run's other existing Jobs (name -> state),
         which the launcher follows instead of creating."""
         attached: dict[str, JobState] = {}
-        stale = []
+        doomed: list[tuple[str, str]] = []  # (Job name, why it goes)
         for stage, job in jobs.items():
             name = job["metadata"]["name"]
             existing = self.client.read_job(name)
@@ -526,21 +526,20 @@ class Launcher:
             owner = (existing.metadata.labels or {}).get(mf.LABEL_INSTANCE, "")
             state = job_state(existing)
             if owner == self.run_id and state.phase == "failed":
-                self.say(f"[{stage}] the Job {name} of run {self.run_id} failed earlier ({state.reason or 'no reason'})"
-                         "; deleting it to run it again")
-                stale.append((name, None))
+                doomed.append((name, f"[{stage}] the Job {name} of run {owner} failed earlier "
+                                     f"({state.reason or 'no reason'}); deleting it to run it again"))
             elif owner == self.run_id:
                 attached[name] = state
             elif not state.done:
                 raise LaunchError(f"Job {name} of run {owner or '(unlabelled)'} is still running; wait for it or "
                                   f"delete it: python -m pneumonia.k8s delete --run-id {owner}")
             else:
-                stale.append((name, owner))
-        for name, owner in stale:
-            if owner is not None:
-                self.say(f"deleting the finished Job {name} of run {owner} (its outputs stay in the bucket)")
+                doomed.append((name, f"deleting the finished Job {name} of run {owner} (its outputs stay in the "
+                                     "bucket)"))
+        for name, why in doomed:
+            self.say(why)
             self.client.delete_job(name)
-        for name, _ in stale:
+        for name, _ in doomed:
             self._wait_gone(name)
         return attached
 
