@@ -286,10 +286,11 @@ def test_attaching_with_other_flags_is_refused_and_leaves_the_live_configmap_alo
     assert posts(server) == ["configmaps:pneumonia-config", "jobs:pneumonia-preprocess"]  # the test's own
 
 
+@pytest.mark.parametrize("image", ["r/pneumonia:0.1.0", "r/pneumonia:0.1.0-3-gabc1234"])
 def test_attaching_with_the_same_flags_follows_the_running_jobs(
-        client: ln.KubeClient, server: EmulatorThread, tmp_path: Path) -> None:
-    config = run_config(tmp_path)
-    start_run_elsewhere(client, config)
+        client: ln.KubeClient, server: EmulatorThread, tmp_path: Path, image: str) -> None:
+    start_run_elsewhere(client, run_config(tmp_path))
+    config = run_config(tmp_path, image=image)  # the same run from a newer commit: another image tag
     controller = Controller(client, server, happy_script())
     status, text = launch(client, config, controller.options())
 

@@ -552,8 +552,10 @@ class Launcher:
         live = self.client.read_config_map(configmap["metadata"]["name"])
         if live is None:
             return
+        # The running pods' image is fixed in their Jobs; cluster.image only records it, and a resume
+        # may change it (a new commit is a new tag), so following a run from a newer checkout works.
         differences = config_differences((live.data or {}).get(mf.CONFIG_MAP_KEY, ""),
-                                         configmap["data"][mf.CONFIG_MAP_KEY])
+                                         configmap["data"][mf.CONFIG_MAP_KEY], ignore=("cluster.image",))
         if differences:
             raise LaunchError(
                 f"run {self.run_id} is already running with a different config; its pods read ConfigMap "
@@ -661,8 +663,8 @@ class Launcher:
             self.say(f"  {key}: {value:.4f}" if isinstance(value, (int, float)) else f"  {key}: {value}")
 
 
-def config_differences(live_text: str, new_text: str) -> list[str]:
-    """The config keys (section.key) whose values differ between two rendered config.yaml texts."""
+def config_differences(live_text: str, new_text: str, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The config keys (section.key), less `ignore`, whose values differ between two rendered config.yaml texts."""
     def flat(text: str) -> dict[str, Any]:
         try:
             tree = yaml.safe_load(text) or {}
@@ -680,7 +682,7 @@ def config_differences(live_text: str, new_text: str) -> list[str]:
 
     live, new = flat(live_text), flat(new_text)
     return [f"{key}: {live.get(key, '(unset)')} running, {new.get(key, '(unset)')} requested"
-            for key in sorted(set(live) | set(new)) if live.get(key) != new.get(key)]
+            for key in sorted(set(live) | set(new)) if live.get(key) != new.get(key) and key not in ignore]
 
 
 def newest_started(pods: list[Any]) -> Any | None:
