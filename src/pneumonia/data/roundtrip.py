@@ -73,7 +73,7 @@ def check(processed_dir: str, shards: list[dict[str, Any]], rows: list[dict[str,
     wanted = {row["path"] for row in sample_rows(rows, shard_config.roundtrip_samples_per_class, config.split.seed)}
     problems: list[str] = []
     seen: dict[str, str] = {}
-    serialized_samples: dict[str, tuple[str, bytes]] = {}
+    samples: dict[str, tuple[str, bytes, tfrecords.Record]] = {}  # source path -> (shard, record bytes, metadata)
 
     for shard in shards:
         path = storage.join(processed_dir, shard["name"])
@@ -98,7 +98,7 @@ def check(processed_dir: str, shards: list[dict[str, Any]], rows: list[dict[str,
                     problems.append(f"{where}: stored as {record.height}x{record.width}x{record.channels} "
                                     f"{record.image_format}, config says {shard_config.size_dir} {shard_config.encoding}")
                 if record.source_path in wanted:
-                    serialized_samples[record.source_path] = (path, serialized)
+                    samples[record.source_path] = (path, serialized, record)
         except (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as error:
             raise BadInputError(f"shard {path} cannot be read ({error.message.splitlines()[0]}); delete it and "
                                 "rerun the shard stage") from None
@@ -109,8 +109,8 @@ def check(processed_dir: str, shards: list[dict[str, Any]], rows: list[dict[str,
     pairs = []
     order = {(split, name): i for i, (split, name) in enumerate(
         (split, name) for split in pipeline.SPLITS for name in CLASS_NAMES)}
-    for source_path in sorted(serialized_samples, key=lambda p: (order[(expected[p]["split"], expected[p]["class"])], p)):
-        shard_path, serialized = serialized_samples[source_path]
+    for source_path in sorted(samples, key=lambda p: (order[(expected[p]["split"], expected[p]["class"])], p)):
+        shard_path, serialized, record = samples[source_path]
         row = expected[source_path]
         decoded = pipeline.decode_record(tf.constant(serialized), height, width, channels)
         source_bytes = storage.read_bytes(storage.join(data_root, source_path))
@@ -122,7 +122,6 @@ def check(processed_dir: str, shards: list[dict[str, Any]], rows: list[dict[str,
         pairs.append(Pair(row["split"], row["class"], source_path, shard_path, source, stored,
                           CLASS_NAMES[stored_label], psnr))
         where = f"shard {shard_path}, source {source_path}"
-        record = tfrecords.decode_example(serialized)
         if (record.original_height, record.original_width) != (int(original_height), int(original_width)):
             problems.append(f"{where}: original size {record.original_height}x{record.original_width} recorded, "
                             f"source is {int(original_height)}x{int(original_width)}")
