@@ -107,3 +107,30 @@ def test_dockerfile_image_placeholder_matches_the_manifests() -> None:
     config = yaml.safe_load(mf.CLUSTER_CONFIG.read_text())
     assert images == {config["cluster"]["image"]}
     assert images.pop().endswith(":0.1.0")
+
+
+def test_per_commit_labels_come_after_the_last_run_so_the_dependency_layer_is_reused() -> None:
+    # `make image` passes a new REVISION per commit; an ARG or LABEL that changes invalidates every
+    # later layer, so they must follow the last RUN (make image-test proves the reuse with podman).
+    steps = instructions()
+    last_run = max(i for i, (keyword, _) in enumerate(steps) if keyword == "RUN")
+    per_commit = [i for i, (keyword, args) in enumerate(steps)
+                  if (keyword == "ARG" and args.split("=")[0] in ("VERSION", "REVISION"))
+                  or (keyword == "LABEL" and "${REVISION}" in args)]
+    assert per_commit and min(per_commit) > last_run
+
+
+def test_base_image_is_declared_again_after_from_for_the_base_name_label() -> None:
+    # An ARG before FROM is out of scope after it: without this the label is always empty.
+    steps = instructions()
+    from_index = steps.index(("FROM", "${BASE_IMAGE}"))
+    label = next(i for i, (keyword, args) in enumerate(steps) if keyword == "LABEL" and "base.name" in args)
+    assert any(keyword == "ARG" and args.split("=")[0] == "BASE_IMAGE" for keyword, args in steps[from_index:label])
+    assert 'org.opencontainers.image.base.name="${BASE_IMAGE}"' in dict(steps[label:label + 1])["LABEL"]
+
+
+def test_bake_weights_is_in_scope_only_after_the_dependency_layer() -> None:
+    steps = instructions()
+    install_deps = next(i for i, (keyword, args) in enumerate(steps) if keyword == "RUN" and "requirements" in args)
+    bake = [i for i, (keyword, args) in enumerate(steps) if keyword == "ARG" and args.startswith("BAKE_WEIGHTS")]
+    assert bake and min(bake) > install_deps
