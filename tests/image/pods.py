@@ -1,0 +1,175 @@
+"""Pure functions from a stage Job in manifests/ to the `podman run` flags that run its pod the same way.
+
+The image test reads the pod settings from the manifests instead of copying them, so a change there
+(a new volume, a capability added, another user) reaches the test or stops it: a setting this
+module cannot reproduce is an error, never silently dropped. No podman and no I/O here, so
+tests/test_image_pods.py checks it on any machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pneumonia.config import PipelineConfig, from_dict, parse_config_yaml
+from pneumonia.k8s import manifests as mf
+
+# Reproduced by a flag below, or true of every podman container already (RuntimeDefault is podman's
+# default seccomp profile). Anything else in a securityContext is an error.
+_POD_SECURITY_KEYS = {"runAsNonRoot", "runAsUser", "runAsGroup", "fsGroup", "seccompProfile"}
+_CONTAINER_SECURITY_KEYS = {"runAsNonRoot", "runAsUser", "runAsGroup", "allowPrivilegeEscalation",
+                            "readOnlyRootFilesystem", "capabilities", "seccompProfile"}
+_BINARY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+SHM_PATH = "/dev/shm"
+
+
+class PodSettingError(ValueError):
+    """A pod setting the image test does not know how to reproduce with podman."""
+
+
+@dataclass(frozen=True)
+class Pod:
+    """One pod of a stage Job as podman runs it: `podman run <flags> <image> <args>`."""
+
+    name: str
+    flags: tuple[str, ...]
+    args: tuple[str, ...]
+    grace_period_s: int
+
+    def command(self, image: str) -> list[str]:
+        return ["podman", "run", "--rm", "--name", self.name, *self.flags, image, *self.args]
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes binary quantity (sizeLimit: 4Gi) in bytes."""
+    for suffix, factor in _BINARY_UNITS.items():
+        if quantity.endswith(suffix) and quantity[: -len(suffix)].isdigit():
+            return int(quantity[: -len(suffix)]) * factor
+    if quantity.isdigit():
+        return int(quantity)
+    raise PodSettingError(f"size {quantity!r}: the image test reads only whole Ki/Mi/Gi/Ti quantities")
+
+
+def security_flags(pod_spec: dict[str, Any], container: dict[str, Any]) -> list[str]:
+    """User, group, capabilities, privilege escalation and root filesystem, container settings first."""
+    pod_security = pod_spec.get("securityContext", {})
+    security = container.get("securityContext", {})
+    unknown = (set(pod_security) - _POD_SECURITY_KEYS) | (set(security) - _CONTAINER_SECURITY_KEYS)
+    if unknown:
+        raise PodSettingError(f"securityContext keys {sorted(unknown)} have no podman equivalent in the image test")
+    for context in (pod_security, security):
+        profile = context.get("seccompProfile", {}).get("type", "RuntimeDefault")
+        if profile != "RuntimeDefault":
+            raise PodSettingError(f"seccompProfile {profile!r}: only RuntimeDefault (podman's default) is reproduced")
+    user = security.get("runAsUser", pod_security.get("runAsUser"))
+    group = security.get("runAsGroup", pod_security.get("runAsGroup"))
+    if user is None or group is None:
+        raise PodSettingError("the pod names no runAsUser/runAsGroup; the test would run as the image's user")
+    if (security.get("runAsNonRoot") or pod_security.get("runAsNonRoot")) and user == 0:
+        raise PodSettingError("runAsNonRoot with runAsUser 0: Kubernetes would refuse to start this pod")
+    flags = ["--user", f"{user}:{group}"]
+    if "fsGroup" in pod_security:
+        # Kubernetes adds fsGroup to the process's groups (and owns the volumes with it).
+        flags += ["--group-add", str(pod_security["fsGroup"])]
+    capabilities = security.get("capabilities", {})
+    flags += [f"--cap-drop={name.lower()}" for name in capabilities.get("drop", [])]
+    flags += [f"--cap-add={name.lower()}" for name in capabilities.get("add", [])]
+    if security.get("allowPrivilegeEscalation") is False:
+        flags += ["--security-opt", "no-new-privileges"]
+    if security.get("readOnlyRootFilesystem"):
+        # podman would otherwise mount its own writable tmpfs on /tmp, /var/tmp and /run: only the
+        # pod's emptyDirs may be writable.
+        flags += ["--read-only", "--read-only-tmpfs=false"]
+    return flags
+
+
+def volume_flags(pod_spec: dict[str, Any], container: dict[str, Any], config_dir: str) -> list[str]:
+    """The container's mounts: emptyDirs as fresh tmpfs (mode 1777, as an emptyDir is world-writable),
+    the ConfigMap as `config_dir` mounted read-only, /dev/shm sized by its memory emptyDir."""
+    volumes = {volume["name"]: volume for volume in pod_spec.get("volumes", [])}
+    flags: list[str] = []
+    for mount in container.get("volumeMounts", []):
+        volume = volumes[mount["name"]]
+        path = mount["mountPath"]
+        if set(mount) - {"name", "mountPath", "readOnly"}:
+            raise PodSettingError(f"volumeMount {mount['name']}: only name, mountPath and readOnly are reproduced")
+        if "configMap" in volume:
+            if not mount.get("readOnly"):
+                raise PodSettingError(f"ConfigMap volume {mount['name']} mounted writable; the image test mounts it read-only")
+            flags += ["--volume", f"{config_dir}:{path}:ro"]
+        elif "emptyDir" in volume:
+            empty_dir = volume["emptyDir"] or {}
+            size = quantity_bytes(empty_dir.get("sizeLimit", "1Gi"))
+            if path == SHM_PATH:
+                if empty_dir.get("medium") != "Memory":
+                    raise PodSettingError(f"{SHM_PATH} emptyDir {mount['name']} must be medium: Memory")
+                flags += [f"--shm-size={size}"]
+            else:
+                # A disk-backed emptyDir becomes tmpfs too: the demo data is small, and it starts
+                # empty and goes away with the container, as an emptyDir does.
+                flags += ["--tmpfs", f"{path}:rw,size={size},mode=1777"]
+        else:
+            raise PodSettingError(f"volume {mount['name']} is neither an emptyDir nor a ConfigMap; "
+                                  "teach tests/image/pods.py how to run it")
+    return flags
+
+
+def stage_pod(job: dict[str, Any], *, config_dir: str, data_root: tuple[str, str], index: int | None = None,
+              network: tuple[str, ...] = ("--network", "none"), args: list[str] | None = None,
+              drop_mounts: tuple[str, ...] = (), name: str | None = None) -> Pod:
+    """Pod `index` of `job` (None: not an Indexed Job's pod) as podman flags.
+
+    `data_root` = (host folder, container path): the stand-in for the bucket the pods reach over the
+    network, the only mount the manifests do not have. `args` replaces the container's args (the demo
+    archive is made by a pod with the preprocess settings, called `name`); `drop_mounts` leaves mounts
+    out (the negative control).
+    """
+    spec = mf.pod_spec(job)
+    (container,) = spec["containers"]
+    if container.get("env") or container.get("envFrom") or container.get("command"):
+        raise PodSettingError(f"{job['metadata']['name']}: env/envFrom/command are not reproduced by the image test")
+    job_name = job["metadata"]["name"]
+    indexed = job["spec"].get("completionMode") == "Indexed"
+    if indexed != (index is not None):
+        raise PodSettingError(f"{job_name}: an index is needed exactly for an Indexed Job's pods")
+    # An Indexed Job's pod is called <job>-<index> and has that hostname; Kubernetes sets the index.
+    hostname = f"{job_name}-{index}" if indexed else job_name
+    flags = [*security_flags(spec, container)]
+    kept = {**container, "volumeMounts": [m for m in container.get("volumeMounts", []) if m["mountPath"] not in drop_mounts]}
+    flags += volume_flags(spec, kept, config_dir)
+    flags += ["--volume", f"{data_root[0]}:{data_root[1]}:rw", "--hostname", hostname, *network]
+    if indexed:
+        flags += ["--env", f"JOB_COMPLETION_INDEX={index}"]
+    grace = int(spec.get("terminationGracePeriodSeconds", 30))
+    flags += ["--stop-timeout", str(grace)]
+    return Pod(name=name or hostname, flags=tuple(flags), args=tuple(args or container["args"]),
+               grace_period_s=grace)
+
+
+def worker_hosts(job: dict[str, Any], addresses: list[str]) -> list[str]:
+    """`--add-host` flags giving worker i the name `<job>-<i>.<subdomain>` (the headless Service's
+    record on the cluster) at addresses[i]."""
+    spec = mf.pod_spec(job)
+    subdomain = spec.get("subdomain")
+    if not subdomain:
+        raise PodSettingError(f"{job['metadata']['name']} has no subdomain: its workers could not find each other")
+    if len(addresses) != job["spec"]["completions"]:
+        raise PodSettingError(f"{len(addresses)} addresses for {job['spec']['completions']} workers")
+    name = job["metadata"]["name"]
+    return [flag for i, address in enumerate(addresses) for flag in ("--add-host", f"{name}-{i}.{subdomain}:{address}")]
+
+
+def image_test_config(cluster_yaml: str, demo_yaml: str, *, data_root: str, run_id: str,
+                      **train: Any) -> PipelineConfig:
+    """jobs/configs/cluster.yaml at the demo's size: its cluster section (names, port, worker count) as
+    the manifests expect it, demo.yaml's small model and images, two shard pods, data under
+    `data_root` (a folder standing in for the bucket) and short waits (the stages run one after another)."""
+    tree = parse_config_yaml(cluster_yaml, "jobs/configs/cluster.yaml")
+    for section, values in parse_config_yaml(demo_yaml, "jobs/configs/demo.yaml").items():
+        if section != "data":
+            tree.setdefault(section, {}).update(values)
+    tree["data"] = {"root": data_root, "archive": f"{data_root}/raw/demo-chest-xray.zip"}
+    tree.setdefault("shard", {})["num_workers"] = 2
+    tree.setdefault("train", {}).update(run_id=run_id, **train)
+    tree["cluster"].update(peer_wait_timeout_s=120, upstream_wait_timeout_s=60)
+    return from_dict(tree).validate()
