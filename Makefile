@@ -44,6 +44,8 @@ K8S_FLAGS ?=
 ## Tests and benchmarks
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+# --fresh: rebuild the stand-in base and the image from scratch (a cold run)
+IMAGE_TEST_ARGS ?=
 
 .PHONY: help
 help: ## Show this help
@@ -53,7 +55,7 @@ help: ## Show this help
 	@echo "Variables (cluster): PROJECT REGION BUCKET=gs://bucket/prefix IMAGE (default: tag from git describe)"
 	@echo "                     WORKERS GPUS_PER_WORKER=$(GPUS_PER_WORKER) GPU_TYPE=$(GPU_TYPE) NAMESPACE=$(NAMESPACE)"
 	@echo "                     CONTEXT ARCHIVE RUN_ID DRY_RUN=1 K8S_FLAGS='...' BASE_IMAGE BAKE_WEIGHTS=$(BAKE_WEIGHTS)"
-	@echo "Variables (tests):   PYTEST_ARGS='...' BENCH_ARGS='...'"
+	@echo "Variables (tests):   PYTEST_ARGS='...' BENCH_ARGS='...' IMAGE_TEST_ARGS=--fresh"
 
 .PHONY: setup
 setup: $(VENV)/.setup-stamp ## Create .venv and install the package with its test tools (quick when done)
@@ -86,6 +88,10 @@ test: setup ## Run the test suite (slow end-to-end tests included)
 .PHONY: test-fast
 test-fast: setup ## Run the tests without the slow end-to-end ones
 	$(PY) -m pytest -m 'not slow' $(PYTEST_ARGS)
+
+.PHONY: image-test
+image-test: setup ## Build the image on a stand-in base (podman, mmdebstrap; root) and run every stage in it as the pods do
+	$(PY) tests/image/run.py $(IMAGE_TEST_ARGS)
 
 .PHONY: lint
 lint: setup ## Lint Python (ruff), the Dockerfile (hadolint) and the manifests (kubernetes-validate)
