@@ -53,6 +53,10 @@ class Layout:
     def run(self, run_id: str) -> str:
         return storage.join(self.root, "runs", run_id)
 
+    def run_config(self, run_id: str) -> str:
+        """The run's resolved config, written when training starts (a resume must match it)."""
+        return storage.join(self.run(run_id), CONFIG_NAME)
+
     def checkpoints(self, run_id: str) -> str:
         return storage.join(self.run(run_id), "checkpoints")
 

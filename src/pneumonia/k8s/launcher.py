@@ -18,7 +18,7 @@ import kubernetes
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from pneumonia.config import PipelineConfig
+from pneumonia.config import RECORDED, PipelineConfig, declared_keys
 from pneumonia.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED
 from pneumonia.k8s import manifests as mf
 from pneumonia.logs import get_logger
@@ -552,10 +552,10 @@ class Launcher:
         live = self.client.read_config_map(configmap["metadata"]["name"])
         if live is None:
             return
-        # The running pods' image is fixed in their Jobs; cluster.image only records it, and a resume
-        # may change it (a new commit is a new tag), so following a run from a newer checkout works.
+        # What no pod reads (config.py: resume=RECORDED, e.g. cluster.image, fixed in the Jobs) may
+        # differ, so following a run from a newer checkout (a new image tag) works.
         differences = config_differences((live.data or {}).get(mf.CONFIG_MAP_KEY, ""),
-                                         configmap["data"][mf.CONFIG_MAP_KEY], ignore=("cluster.image",))
+                                         configmap["data"][mf.CONFIG_MAP_KEY], ignore=declared_keys(resume=(RECORDED,)))
         if differences:
             raise LaunchError(
                 f"run {self.run_id} is already running with a different config; its pods read ConfigMap "
