@@ -89,4 +89,5 @@ def describe_mismatch(mismatch: Mismatch) -> str:
     key, theirs, ours = mismatch
     if key == ARCHIVE:
         return f"interim/ was made from {theirs}, which has been replaced since (now {ours}; rerun preprocess)"
-    return f"interim/ was made with {key}={theirs}, this config has {ours} (rerun preprocess)"
+    made = "split" if key.startswith("split.") else "made"
+    return f"interim/ was {made} with {key}={theirs}, this config has {ours} (rerun preprocess)"

@@ -122,7 +122,8 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     if archive_url:
         config = mf.with_launch_options(config, archive=archive_url)
     mf.check_launchable(config)
-    objects = mf.build_manifests(mf.load_manifests(args.manifests), config, managed_by="pneumonia-k8s")
+    objects = mf.without_upstream_waits(
+        mf.build_manifests(mf.load_manifests(args.manifests), config, managed_by="pneumonia-k8s"))
     if args.gsa:
         if not args.setup:
             raise BadInputError("--gsa sets the ServiceAccount, which only --setup applies: add --setup")
