@@ -7,6 +7,7 @@ Pure readers of the API's objects, apart from show_status, which asks the client
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -139,14 +140,18 @@ def failed_container(pod: Any) -> tuple[str, int, str, str] | None:
 
 
 def matching_rule(policy: Any, pod: Any) -> tuple[int, Any] | None:
-    """The podFailurePolicy rule (1-based number, rule) the Job controller applies to a failed pod: first match."""
+    """The podFailurePolicy rule (1-based number, rule) the Job controller applies to a failed pod: the first
+    whose pod condition pattern (type and status) or exit-code requirement matches, as the controller does
+    (pkg/controller/job/pod_failure_policy.go). For clusters that do not name the rule (fired_rule)."""
     if policy is None:
         return None
-    conditions = {c.type for c in (pod.status.conditions or []) if c.status == "True"} if pod.status else set()
-    exits = [(s.name, s.state.terminated.exit_code) for s in (pod.status.container_statuses or [])
-             if s.state and s.state.terminated and s.state.terminated.exit_code] if pod.status else []
+    conditions = {(c.type, c.status) for c in (pod.status.conditions or [])} if pod.status else set()
+    statuses = [*(pod.status.container_statuses or []), *(pod.status.init_container_statuses or [])] \
+        if pod.status else []
+    exits = [(s.name, s.state.terminated.exit_code) for s in statuses
+             if s.state and s.state.terminated and s.state.terminated.exit_code]
     for number, rule in enumerate(policy.rules or [], start=1):
-        if rule.on_pod_conditions and any(c.type in conditions for c in rule.on_pod_conditions):
+        if rule.on_pod_conditions and any((c.type, c.status) in conditions for c in rule.on_pod_conditions):
             return number, rule
         requirement = rule.on_exit_codes
         if requirement is not None:
@@ -162,8 +167,45 @@ def describe_rule(number: int, rule: Any) -> str:
     if rule.on_exit_codes is not None:
         when = f"exit code {rule.on_exit_codes.operator} {list(rule.on_exit_codes.values)}"
     else:
-        when = "pod condition " + ", ".join(c.type for c in rule.on_pod_conditions or [])
+        when = "pod condition " + ", ".join(f"{c.type}={c.status}" for c in rule.on_pod_conditions or [])
     return f"podFailurePolicy rule #{number}: {rule.action} on {when}"
+
+
+# The Job controller's message when a rule fails the Job (its FailureTarget, since 1.31, and Failed
+# conditions, reason PodFailurePolicy; pkg/controller/job/pod_failure_policy.go), index 0-based:
+#   Container <name> for pod <ns>/<pod> failed with exit code <code> matching <action> rule at index <i>
+#   Pod <ns>/<pod> has condition <type> matching <action> rule at index <i>
+_RULE_FIRED = re.compile(
+    r"(?:Container (?P<container>\S+) for pod (?P<exit_pod>\S+) failed with exit code (?P<exit_code>-?\d+)"
+    r"|Pod (?P<condition_pod>\S+) has condition (?P<condition>\S+)) matching (?P<action>\w+) rule at index (?P<index>\d+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class FiredRule:
+    """The podFailurePolicy rule the Job controller says failed the Job, and the pod that matched it."""
+
+    pod: str  # the pod's name (the message gives namespace/name)
+    number: int  # 1-based, as describe_rule numbers rules
+    rule: Any
+    container: str = ""
+    exit_code: int | None = None
+    condition: str = ""
+
+
+def fired_rule(state: JobState, policy: Any) -> FiredRule | None:
+    """The rule named in the Job's failure condition; None on clusters that do not name it, or when the
+    named rule is not in `policy` with that action (the Job's policy changed since: no guess)."""
+    found = _RULE_FIRED.search(state.message or "") if state.phase == "failed" else None
+    if found is None or policy is None:
+        return None
+    index = int(found["index"])
+    rules = list(policy.rules or [])
+    if index >= len(rules) or rules[index].action != found["action"]:
+        return None
+    pod = (found["exit_pod"] or found["condition_pod"]).rpartition("/")[2]
+    return FiredRule(pod=pod, number=index + 1, rule=rules[index], container=found["container"] or "",
+                     exit_code=int(found["exit_code"]) if found["exit_code"] else None,
+                     condition=found["condition"] or "")
 
 
 _EXIT_HINTS = {
@@ -187,8 +229,18 @@ def failure_report(stage: str, job: Any, pods: list[Any], state: JobState) -> li
              + (f" ({_JOB_REASON_HINTS[state.reason]})" if state.reason in _JOB_REASON_HINTS else "")]
     if state.message:
         lines.append(f"  {state.message}")
+    policy = job.spec.pod_failure_policy if job.spec else None
+    fired = fired_rule(state, policy)
     failed = [pod for pod in pods if pod.status and pod.status.phase == "Failed"]
-    for pod in failed[-5:]:
+    shown = failed[-5:]
+    if fired is not None and fired.pod not in {pod.metadata.name for pod in shown}:
+        # The pod that failed the Job may be gone already, or older than the last five: the condition says it all.
+        what = (f"container {fired.container} exited {fired.exit_code}" if fired.exit_code is not None
+                else f"condition {fired.condition}")
+        hint = _EXIT_HINTS.get(fired.exit_code, "") if fired.exit_code is not None else ""
+        lines.append(f"  pod {fired.pod}: {what}" + (f": {hint}" if hint else ""))
+        lines.append(f"    {describe_rule(fired.number, fired.rule)} (named by the Job controller)")
+    for pod in shown:
         exited = failed_container(pod)
         index = pod_index(pod)
         where = f"pod {pod.metadata.name}" + (f" (index {index})" if index else "")
@@ -202,7 +254,10 @@ def failure_report(stage: str, job: Any, pods: list[Any], state: JobState) -> li
                          + (f" ({reason})" if reason else "") + (f": {hint}" if hint else ""))
             if message:
                 lines.append(f"    termination message: {message}")
-        rule = matching_rule(job.spec.pod_failure_policy if job.spec else None, pod)
+        if fired is not None and fired.pod == pod.metadata.name:
+            lines.append(f"    {describe_rule(fired.number, fired.rule)} (named by the Job controller)")
+            continue
+        rule = matching_rule(policy, pod)  # older clusters, and the pods that did not fail the Job
         if rule is not None:
             lines.append(f"    {describe_rule(*rule)}")
     return lines
