@@ -1,9 +1,12 @@
-"""Train stage entrypoint: shards -> runs/<run_id>/ (see pneumonia.training.fit; TF_CONFIG for several workers)."""
+"""Train stage entrypoint: shards -> runs/<run_id>/ (see pneumonia.training.fit; TF_CONFIG for several workers).
+
+A run that stops on purpose or fails for good leaves runs/<run_id>/_ENDED.json (pneumonia.training.run_end).
+"""
 
 from pneumonia import cluster
 from pneumonia.cli import main
-from pneumonia.training.fit import run
+from pneumonia.training.run_end import train
 
 if __name__ == "__main__":
     # Workers of one cluster must share a run id; a lone local process may get a fresh one.
-    main("train", run, run_id_required=cluster.in_cluster())
+    main("train", train, run_id_required=cluster.in_cluster())

@@ -7,6 +7,7 @@ conditions Complete or Failed through the podFailurePolicy), so every run is ins
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import sys
@@ -19,8 +20,11 @@ import pytest
 import yaml
 
 from pneumonia.config import PipelineConfig, load_config
+from pneumonia.k8s import client as kc
 from pneumonia.k8s import launcher as ln
+from pneumonia.k8s import logs as lg
 from pneumonia.k8s import manifests as mf
+from pneumonia.k8s import status as st
 from pneumonia.k8s.__main__ import main
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -44,9 +48,9 @@ def kubeconfig(server: EmulatorThread, tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def client(kubeconfig: Path, server: EmulatorThread) -> ln.KubeClient:
+def client(kubeconfig: Path, server: EmulatorThread) -> kc.KubeClient:
     """A client of an emulated cluster where an admin already applied the namespace and ServiceAccount."""
-    kube = ln.KubeClient(str(kubeconfig), "kmock", NAMESPACE)
+    kube = kc.KubeClient(str(kubeconfig), "kmock", NAMESPACE)
     server.emulator.namespaces[NAMESPACE] = {"apiVersion": "v1", "kind": "Namespace",
                                              "metadata": {"name": NAMESPACE}}
     kube.core.create_namespaced_service_account(NAMESPACE, {"metadata": {"name": "pneumonia"}})
@@ -63,7 +67,7 @@ def run_config(root: Path | str, **options: Any) -> PipelineConfig:
 class Controller:
     """Plays the Job controller and kubelet: `sleep` advances a fake clock and runs the next scripted step."""
 
-    def __init__(self, client: ln.KubeClient, server: EmulatorThread,
+    def __init__(self, client: kc.KubeClient, server: EmulatorThread,
                  script: dict[str, list[Callable[[Controller], None]]]) -> None:
         self.client, self.server, self.script = client, server, script
         self.now = 0.0
@@ -81,8 +85,8 @@ class Controller:
                 steps.pop(0)(self)
                 return
 
-    def options(self) -> ln.FollowOptions:
-        return ln.FollowOptions(poll_s=10, timeout_s=3600, heartbeat_s=600, sleep=self.sleep, clock=self.clock)
+    def options(self) -> st.FollowOptions:
+        return st.FollowOptions(poll_s=10, timeout_s=3600, heartbeat_s=600, sleep=self.sleep, clock=self.clock)
 
     # --- what the cluster does -------------------------------------------------------------------
 
@@ -124,7 +128,7 @@ def posts(server: EmulatorThread) -> list[str]:
             and not path.endswith(("/pods", "/events", "/serviceaccounts"))]
 
 
-def launch(client: ln.KubeClient, config: PipelineConfig, options: ln.FollowOptions) -> tuple[int, str]:
+def launch(client: kc.KubeClient, config: PipelineConfig, options: st.FollowOptions) -> tuple[int, str]:
     """Runs the launcher on the config's manifests; returns its exit status and what it printed."""
     out = io.StringIO()
     status = ln.Launcher(client, mf.build_manifests(mf.load_manifests(), config), config, options, out).run()
@@ -167,7 +171,7 @@ def happy_script() -> dict[str, list[Callable[[Controller], None]]]:
 
 
 def test_a_run_creates_objects_in_order_explains_pending_streams_the_chief_and_reports(
-        client: ln.KubeClient, server: EmulatorThread, tmp_path: Path) -> None:
+        client: kc.KubeClient, server: EmulatorThread, tmp_path: Path) -> None:
     config = run_config(tmp_path / "data")
     report = tmp_path / "data" / "runs" / RUN_ID / "report"
     report.mkdir(parents=True)
@@ -205,7 +209,7 @@ def test_a_run_creates_objects_in_order_explains_pending_streams_the_chief_and_r
 
 
 def test_a_bad_input_failure_reports_pod_exit_code_and_the_rule_that_fired(
-        client: ln.KubeClient, server: EmulatorThread, tmp_path: Path) -> None:
+        client: kc.KubeClient, server: EmulatorThread, tmp_path: Path) -> None:
     config = run_config(tmp_path)
 
     def shard_fails(c: Controller) -> None:
@@ -234,7 +238,7 @@ def test_missing_access_stops_before_anything_is_created(kubeconfig: Path, tmp_p
     denied = {("create", "jobs"), ("get", "pods/log")}
     server = EmulatorThread(ClusterEmulator(denied=denied)).start()
     try:
-        kube = ln.KubeClient(str(write_kubeconfig(tmp_path / "kc", server.url)), "kmock", NAMESPACE)
+        kube = kc.KubeClient(str(write_kubeconfig(tmp_path / "kc", server.url)), "kmock", NAMESPACE)
         config = run_config(tmp_path)
         out = io.StringIO()
         status = ln.Launcher(kube, mf.build_manifests(mf.load_manifests(), config), config, out=out).run()
@@ -245,7 +249,7 @@ def test_missing_access_stops_before_anything_is_created(kubeconfig: Path, tmp_p
         server.stop()
 
 
-def test_a_running_job_of_another_run_blocks_the_launch(client: ln.KubeClient, server: EmulatorThread,
+def test_a_running_job_of_another_run_blocks_the_launch(client: kc.KubeClient, server: EmulatorThread,
                                                         tmp_path: Path) -> None:
     client.create_job(mf.stage_jobs(mf.load_manifests())["train"])  # run-001, no Complete condition
     config = run_config(tmp_path)
@@ -257,7 +261,7 @@ def test_a_running_job_of_another_run_blocks_the_launch(client: ln.KubeClient, s
     assert posts(server) == ["jobs:pneumonia-train"]  # only the test's own Job
 
 
-def start_run_elsewhere(client: ln.KubeClient, config: PipelineConfig) -> dict[str, Any]:
+def start_run_elsewhere(client: kc.KubeClient, config: PipelineConfig) -> dict[str, Any]:
     """What an earlier launcher of the run left: its ConfigMap applied and its preprocess Job running."""
     objects = mf.build_manifests(mf.load_manifests(), config)
     configmap = next(obj for obj in objects if obj["kind"] == "ConfigMap")
@@ -267,7 +271,7 @@ def start_run_elsewhere(client: ln.KubeClient, config: PipelineConfig) -> dict[s
 
 
 def test_attaching_with_other_flags_is_refused_and_leaves_the_live_configmap_alone(
-        client: ln.KubeClient, server: EmulatorThread, tmp_path: Path) -> None:
+        client: kc.KubeClient, server: EmulatorThread, tmp_path: Path) -> None:
     live = start_run_elsewhere(client, run_config(tmp_path))
     config = run_config(tmp_path, num_workers=3)  # same run id, different --workers
     out = io.StringIO()
@@ -288,7 +292,7 @@ def test_attaching_with_other_flags_is_refused_and_leaves_the_live_configmap_alo
 
 @pytest.mark.parametrize("image", ["r/pneumonia:0.1.0", "r/pneumonia:0.1.0-3-gabc1234"])
 def test_attaching_with_the_same_flags_follows_the_running_jobs(
-        client: ln.KubeClient, server: EmulatorThread, tmp_path: Path, image: str) -> None:
+        client: kc.KubeClient, server: EmulatorThread, tmp_path: Path, image: str) -> None:
     start_run_elsewhere(client, run_config(tmp_path))
     config = run_config(tmp_path, image=image)  # the same run from a newer commit: another image tag
     controller = Controller(client, server, happy_script())
@@ -303,7 +307,7 @@ def test_attaching_with_the_same_flags_follows_the_running_jobs(
 
 
 def test_resuming_a_run_whose_train_job_failed_runs_that_job_again(
-        client: ln.KubeClient, server: EmulatorThread, tmp_path: Path) -> None:
+        client: kc.KubeClient, server: EmulatorThread, tmp_path: Path) -> None:
     config = run_config(tmp_path)
     earlier = mf.stage_jobs(mf.build_manifests(mf.load_manifests(), config))
     setup = Controller(client, server, {})
@@ -328,11 +332,11 @@ def test_resuming_a_run_whose_train_job_failed_runs_that_job_again(
     assert job_phase(client, "pneumonia-train") == "complete"
 
 
-def job_phase(client: ln.KubeClient, name: str) -> str:
-    return ln.job_state(client.read_job(name)).phase
+def job_phase(client: kc.KubeClient, name: str) -> str:
+    return st.job_state(client.read_job(name)).phase
 
 
-def test_ctrl_c_asks_and_deletes_the_runs_jobs_in_the_foreground(client: ln.KubeClient, server: EmulatorThread,
+def test_ctrl_c_asks_and_deletes_the_runs_jobs_in_the_foreground(client: kc.KubeClient, server: EmulatorThread,
                                                                   tmp_path: Path) -> None:
     config = run_config(tmp_path)
     controller = Controller(client, server, {"pneumonia-preprocess": [lambda c: c.complete("pneumonia-preprocess")]})
@@ -348,10 +352,10 @@ def test_ctrl_c_asks_and_deletes_the_runs_jobs_in_the_foreground(client: ln.Kube
                if method == "DELETE"]
     assert deletes == [("pneumonia-preprocess", {"propagationPolicy": "Foreground"}),
                        ("pneumonia-shard", {"propagationPolicy": "Foreground"})]
-    assert client.list_jobs(ln.run_selector(RUN_ID)) == []
+    assert client.list_jobs(st.run_selector(RUN_ID)) == []
 
 
-def test_follow_gives_up_after_its_timeout(client: ln.KubeClient, server: EmulatorThread, tmp_path: Path) -> None:
+def test_follow_gives_up_after_its_timeout(client: kc.KubeClient, server: EmulatorThread, tmp_path: Path) -> None:
     config = run_config(tmp_path)
     controller = Controller(client, server, {})
     options = controller.options()
@@ -375,8 +379,8 @@ def test_dry_run_prints_the_exact_yaml_and_calls_nothing(kubeconfig: Path, serve
     printed = [doc for doc in yaml.safe_load_all(out.getvalue()) if doc]
     config = mf.with_launch_options(load_config(mf.CLUSTER_CONFIG), bucket="gs://bucket-x/p", image="r/pneumonia:0.2.0",
                                     num_workers=4, gpus_per_worker=2, gpu_type="nvidia-tesla-t4", run_id=RUN_ID)
-    expected = [obj for obj in mf.build_manifests(mf.load_manifests(), config, managed_by="pneumonia-k8s")
-                if obj["kind"] not in mf.SETUP_KINDS]
+    built = mf.without_upstream_waits(mf.build_manifests(mf.load_manifests(), config, managed_by="pneumonia-k8s"))
+    expected = [obj for obj in built if obj["kind"] not in mf.SETUP_KINDS]
     assert printed == expected
 
 
@@ -411,7 +415,7 @@ def test_cli_rejects_an_unpinned_image_before_any_call(kubeconfig: Path, server:
     assert server.emulator.calls == []
 
 
-def seed_runs(client: ln.KubeClient, server: EmulatorThread) -> None:
+def seed_runs(client: kc.KubeClient, server: EmulatorThread) -> None:
     """An old finished run and a failed current one, as the Job controller would leave them."""
     controller = Controller(client, server, {})
     for run_id, stage in (("old-run", "preprocess"), (RUN_ID, "preprocess"), (RUN_ID, "train")):
@@ -432,7 +436,7 @@ def seed_runs(client: ln.KubeClient, server: EmulatorThread) -> None:
         {"type": "Failed", "status": "True", "reason": "FailedIndexes", "message": "Job has failed indexes"}])
 
 
-def test_status_logs_and_delete_subcommands(kubeconfig: Path, client: ln.KubeClient, server: EmulatorThread) -> None:
+def test_status_logs_and_delete_subcommands(kubeconfig: Path, client: kc.KubeClient, server: EmulatorThread) -> None:
     seed_runs(client, server)
     common = ["--kubeconfig", str(kubeconfig), "--context", "kmock", "--namespace", NAMESPACE]
 
@@ -456,7 +460,7 @@ def test_status_logs_and_delete_subcommands(kubeconfig: Path, client: ln.KubeCli
     out = io.StringIO()
     assert main(["delete", *common, "--run-id", RUN_ID, "--yes"], out=out) == 0
     assert out.getvalue().splitlines() == ["deleted Job pneumonia-preprocess", "deleted Job pneumonia-train"]
-    assert [job.metadata.name for job in client.list_jobs(ln.run_selector())] == ["pneumonia-preprocess-old"]
+    assert [job.metadata.name for job in client.list_jobs(st.run_selector())] == ["pneumonia-preprocess-old"]
 
 
 # --- pure pieces -----------------------------------------------------------------------------------
@@ -470,7 +474,7 @@ def test_the_role_grants_exactly_what_the_launcher_checks() -> None:
     granted = {(verb, group, resource) for rule in role["rules"] for group in rule["apiGroups"]
                for resource in rule["resources"] for verb in rule["verbs"]}
     needed = {(a.verb, a.group, f"{a.resource}/{a.subresource}" if a.subresource else a.resource)
-              for a in ln.REQUIRED_ACCESS}
+              for a in kc.REQUIRED_ACCESS}
     assert granted == needed  # the launcher polls: no watch, nothing beyond its needs
 
 
@@ -479,12 +483,70 @@ def test_matching_rule_follows_the_controller_order() -> None:
     policy = model("V1Job", job).spec.pod_failure_policy
     disrupted = model("V1Pod", {"metadata": {"name": "p"}, "status": {
         "phase": "Failed", "conditions": [{"type": "DisruptionTarget", "status": "True"}], **exited("train", 143)}})
-    assert ln.matching_rule(policy, disrupted)[0] == 1  # the condition rule comes first
+    assert st.matching_rule(policy, disrupted)[0] == 1  # the condition rule comes first
     preempted = model("V1Pod", {"metadata": {"name": "p"}, "status": {"phase": "Failed", **exited("train", 143)}})
-    assert ln.describe_rule(*ln.matching_rule(policy, preempted)) == \
+    assert st.describe_rule(*st.matching_rule(policy, preempted)) == \
         "podFailurePolicy rule #2: Ignore on exit code In [143]"
     crashed = model("V1Pod", {"metadata": {"name": "p"}, "status": {"phase": "Failed", **exited("train", 1)}})
-    assert ln.matching_rule(policy, crashed) is None  # counted against the backoff limit
+    assert st.matching_rule(policy, crashed) is None  # counted against the backoff limit
+
+
+def test_a_condition_rule_matches_only_the_status_it_names() -> None:
+    job = mf.stage_jobs(mf.load_manifests())["train"]
+    policy = model("V1Job", job).spec.pod_failure_policy  # rule #1: Ignore on DisruptionTarget=True
+    not_disrupted = model("V1Pod", {"metadata": {"name": "p"}, "status": {
+        "phase": "Failed", "conditions": [{"type": "DisruptionTarget", "status": "False"}], **exited("train", 2)}})
+    assert st.describe_rule(*st.matching_rule(policy, not_disrupted)) == \
+        "podFailurePolicy rule #3: FailJob on exit code In [2]"
+    on_false = copy.deepcopy(job)
+    on_false["spec"]["podFailurePolicy"]["rules"][0]["onPodConditions"][0]["status"] = "False"
+    policy = model("V1Job", on_false).spec.pod_failure_policy
+    assert st.describe_rule(*st.matching_rule(policy, not_disrupted)) == \
+        "podFailurePolicy rule #1: Ignore on pod condition DisruptionTarget=False"
+
+
+def failed_train_job(message: str, condition: str = "FailureTarget") -> Any:
+    job = copy.deepcopy(mf.stage_jobs(mf.load_manifests())["train"])
+    job["status"] = {"failed": 1, "conditions": [
+        {"type": condition, "status": "True", "reason": "PodFailurePolicy", "message": message}]}
+    return model("V1Job", job)
+
+
+def test_the_failure_report_reads_the_rule_the_job_controller_named() -> None:
+    """Since 1.31 the Job's FailureTarget condition names the rule; the pod it names may be gone already."""
+    job = failed_train_job(f"Container train for pod {NAMESPACE}/pneumonia-train-1-x failed with exit code 2 "
+                           "matching FailJob rule at index 2")
+    state = st.job_state(job)
+    fired = st.fired_rule(state, job.spec.pod_failure_policy)
+    assert (fired.pod, fired.number, fired.container, fired.exit_code) == ("pneumonia-train-1-x", 3, "train", 2)
+    # Another pod, failed earlier with exit 1 (counted): its rule still comes from matching, and there is none.
+    crashed = model("V1Pod", {"metadata": {"name": "pneumonia-train-0-a", "labels": {mf.LABEL_COMPLETION_INDEX: "0"}},
+                              "status": {"phase": "Failed", **exited("train", 1)}})
+    text = "\n".join(st.failure_report("train", job, [crashed], state))
+    assert "pod pneumonia-train-1-x: container train exited 2: bad input or config" in text
+    assert "podFailurePolicy rule #3: FailJob on exit code In [2] (named by the Job controller)" in text
+    assert "pod pneumonia-train-0-a (index 0): container train exited 1" in text
+    assert text.count("podFailurePolicy rule #") == 1
+
+    # The named pod is listed but its container statuses are gone: matching could not tell, the condition can.
+    reaped = model("V1Pod", {"metadata": {"name": "pneumonia-train-1-x"}, "status": {"phase": "Failed"}})
+    assert st.matching_rule(job.spec.pod_failure_policy, reaped) is None
+    text = "\n".join(st.failure_report("train", job, [reaped], state))
+    assert "podFailurePolicy rule #3: FailJob on exit code In [2] (named by the Job controller)" in text
+
+    on_condition = failed_train_job(f"Pod {NAMESPACE}/pneumonia-train-0-b has condition DisruptionTarget matching "
+                                    "FailJob rule at index 0")  # not this policy's action at index 0: no guess
+    assert st.fired_rule(st.job_state(on_condition), on_condition.spec.pod_failure_policy) is None
+
+
+def test_older_clusters_fall_back_to_matching_the_rules() -> None:
+    job = failed_train_job("Job has failed because a pod failed", condition="Failed")  # no rule named
+    state = st.job_state(job)
+    assert st.fired_rule(state, job.spec.pod_failure_policy) is None
+    failed = model("V1Pod", {"metadata": {"name": "pneumonia-train-1-x"},
+                             "status": {"phase": "Failed", **exited("train", 2)}})
+    text = "\n".join(st.failure_report("train", job, [failed], state))
+    assert "podFailurePolicy rule #3: FailJob on exit code In [2]" in text and "named by" not in text
 
 
 @pytest.mark.parametrize(("message", "hint"), [
@@ -495,12 +557,12 @@ def test_matching_rule_follows_the_controller_order() -> None:
 def test_explain_pending_names_the_cause(message: str, hint: str) -> None:
     pod = model("V1Pod", {"metadata": {"name": "w-0"}, "status": {"phase": "Pending", "conditions": [
         {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}]}})
-    explanation = ln.explain_pending(pod, [])
+    explanation = st.explain_pending(pod, [])
     assert explanation.startswith("w-0 cannot be scheduled: ") and hint in explanation and message in explanation
 
 
 def test_log_cursor_prints_each_line_once_across_polls_and_pods() -> None:
-    cursor = ln.LogCursor()
+    cursor = lg.LogCursor()
     first = "t1 a\nt1 b\nt2 c\n"
     assert cursor.new_lines("p", first) == ["a", "b", "c"]
     assert cursor.new_lines("p", first + "t2 d\nt3 e\n") == ["d", "e"]

@@ -44,6 +44,8 @@ VARIANTS = {
     "cpu-only": lambda: variant(gpus_per_worker=0, num_workers=3, run_id="cpu.1"),
     "other-namespace-and-image": lambda: variant(
         namespace="ml-team", image="europe-west4-docker.pkg.dev/p/r/pneumonia@sha256:" + "a" * 64, run_id="x_1"),
+    "launcher-h100-x-8": lambda: mf.without_upstream_waits(
+        variant(gpu_type="nvidia-h100-80gb", gpus_per_worker=8, run_id="h100")),
 }
 
 
@@ -248,6 +250,57 @@ def test_only_the_train_job_asks_for_gpus(objects: list[dict]) -> None:
         shm = {v["name"]: v for v in pod["volumes"]}[
             next(m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")]
         assert shm["emptyDir"]["medium"] == "Memory"
+
+
+def test_memory_requests_equal_limits_and_the_train_pod_is_guaranteed(objects: list[dict]) -> None:
+    """A pod using more memory than it requested is the first the kubelet evicts under node pressure, and
+    the train Job ignores evictions: requests == limits keeps that from looping until the deadline."""
+    for stage, job in jobs_of(objects).items():
+        for container in mf.containers(job):
+            resources = container["resources"]
+            guaranteed = ("cpu", "memory") if stage == "train" else ("memory",)
+            for name in guaranteed:
+                assert resources["requests"][name] == resources["limits"][name], (stage, name)
+            assert mf.GPU_RESOURCE not in resources.get("requests", {}), stage  # requests default to limits
+        memory_limit = sum(mf.quantity_value(c["resources"]["limits"]["memory"]) for c in mf.containers(job))
+        for volume in mf.memory_volumes(job):
+            # Memory-backed emptyDir pages count against the pod's memory: /dev/shm must fit inside it.
+            assert mf.quantity_value(volume["emptyDir"]["sizeLimit"]) < memory_limit, (stage, volume["name"])
+
+
+def test_the_train_pod_scales_cpu_memory_and_shm_together_with_its_gpus() -> None:
+    def shape(job: dict) -> tuple:
+        (container,) = mf.pod_spec(job)["containers"]
+        (shm,) = mf.memory_volumes(job)
+        resources = container["resources"]
+        quantities = [resources[section][name] for section in ("requests", "limits") for name in ("cpu", "memory")]
+        quantities.append(shm["emptyDir"]["sizeLimit"])
+        return tuple(mf.quantity_value(q) for q in quantities)
+
+    one_gpu = jobs_of(variant(run_id="one"))["train"]
+    two_gpus = jobs_of(variant(gpus_per_worker=2, gpu_type="nvidia-tesla-t4", run_id="two"))["train"]
+    assert shape(two_gpus) == tuple(2 * value for value in shape(one_gpu))
+
+
+def test_the_launchers_evaluate_does_not_wait_for_training(tmp_path: Path) -> None:
+    """The launcher creates evaluate only after train completed; under kubectl apply it waits for it."""
+    applied = mf.load_manifests()
+    launched = mf.without_upstream_waits(applied)
+    assert applied == mf.load_manifests()  # not mutated
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(one(launched, "ConfigMap")["data"][mf.CONFIG_MAP_KEY])
+    for stage, job in jobs_of(launched).items():
+        args = mf.pod_spec(job)["containers"][0]["args"]
+        overrides = [a for i, a in enumerate(args) if i and args[i - 1] == "--set"]
+        before = jobs_of(applied)[stage]
+        if stage == "evaluate":
+            assert load_config(config_file, overrides).cluster.upstream_wait_timeout_s == 0
+            waited = load_config(config_file, [a for i, a in enumerate(mf.pod_spec(before)["containers"][0]["args"])
+                                               if i and mf.pod_spec(before)["containers"][0]["args"][i - 1] == "--set"])
+            assert (job["spec"]["activeDeadlineSeconds"]
+                    == before["spec"]["activeDeadlineSeconds"] - waited.cluster.upstream_wait_timeout_s > 0)
+        else:
+            assert job == before, stage
 
 
 def test_service_name_subdomain_selector_and_port_agree(objects: list[dict]) -> None:

@@ -20,6 +20,22 @@ from pneumonia.errors import ConfigError
 
 CLASS_NAMES: tuple[str, ...] = ("normal", "bacteria", "virus")
 
+# What a key means to the stages is declared once, on its field (`setting`), and derived everywhere
+# else: the stages' fingerprints, the resume check, the launcher's check of a running run's config.
+# `decides`: the stage outputs whose content it shapes beyond their inputs (a changed value redoes them).
+INTERIM = "interim"  # preprocess: interim/ and splits/split.json
+SHARDS = "shards"  # shard: the TFRecord files (their bytes and order; the split manifest is an input)
+# `resume`: FIXED (the default) belongs to the run: resuming with another value is refused.
+# FREE steers one process or says where it runs (waits, writers, image, GPU type): a resume may change it.
+# RECORDED is FREE and read by no pod (the Job spec holds the live value), so it may also differ in the
+# ConfigMap under running pods.
+FIXED, FREE, RECORDED = "fixed", "free", "recorded"
+
+
+def setting(default: Any, *, decides: tuple[str, ...] = (), resume: str = FIXED) -> Any:
+    """A config field with what it decides declared on it (see INTERIM, SHARDS, FIXED, FREE, RECORDED)."""
+    return field(default=default, metadata={"decides": frozenset(decides), "resume": resume})
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -28,12 +44,12 @@ class DataConfig:
     root: str = "data"
     archive: str = ""
     # Limits that make an untrusted archive safe to read (zip bombs, runaway listings).
-    max_uncompressed_bytes: int = 8 * 1024**3
-    max_compression_ratio: float = 200.0
-    max_entries: int = 100_000
+    max_uncompressed_bytes: int = setting(8 * 1024**3, decides=(INTERIM,))
+    max_compression_ratio: float = setting(200.0, decides=(INTERIM,))
+    max_entries: int = setting(100_000, decides=(INTERIM,))
     # One entry's bytes (declared and really inflated): chest X-rays are a few MiB, so this only
     # stops a single huge entry from being held in memory.
-    max_entry_bytes: int = 256 * 1024**2
+    max_entry_bytes: int = setting(256 * 1024**2, decides=(INTERIM,))
 
     def validate(self) -> None:
         _require(bool(self.root), "data.root", self.root, "a local folder or gs://bucket/prefix")
@@ -52,14 +68,15 @@ class SplitConfig:
     train / val / test by `val_fraction` and `test_fraction`.
     """
 
-    mode: str = "official"
-    seed: int = 42
-    val_fraction: float = 0.10
-    test_fraction: float = 0.15  # pooled mode only
+    mode: str = setting("official", decides=(INTERIM,))
+    # The shard stage orders records by it too.
+    seed: int = setting(42, decides=(INTERIM, SHARDS))
+    val_fraction: float = setting(0.10, decides=(INTERIM,))
+    test_fraction: float = setting(0.15, decides=(INTERIM,))  # pooled mode only
     # Quick-experiment subsets (the notebook used 0.20 and 0.15); 1.0 keeps everything.
-    small_train_fraction: float = 1.0
-    small_val_fraction: float = 1.0
-    imbalance_warn_ratio: float = 3.0
+    small_train_fraction: float = setting(1.0, decides=(INTERIM,))
+    small_val_fraction: float = setting(1.0, decides=(INTERIM,))
+    imbalance_warn_ratio: float = setting(3.0, decides=(INTERIM,))
 
     def validate(self) -> None:
         _require(self.mode in ("official", "pooled"), "split.mode", self.mode, "one of: official, pooled")
@@ -79,19 +96,20 @@ class SplitConfig:
 class ShardConfig:
     """TFRecord shards: image size, encoding, how many files, and which of them this worker writes."""
 
-    image_height: int = 256
-    image_width: int = 256
-    channels: int = 1
+    image_height: int = setting(256, decides=(SHARDS,))
+    image_width: int = setting(256, decides=(SHARDS,))
+    channels: int = setting(1, decides=(SHARDS,))
     # jpeg (quality 95) measured faster to write, 2-3x faster to read and half the bytes of png, at
     # a PSNR of 41 dB or more against the resized source (bench/README.md); png stays for exactness.
-    encoding: str = "jpeg"
+    encoding: str = setting("jpeg", decides=(SHARDS,))
     # Target bytes per shard file; the count is then raised to at least min_shards_per_split
     # and to the number of training workers, so FILE autosharding always has files to hand out.
-    target_shard_bytes: int = 100 * 1024**2
-    min_shards_per_split: int = 4
-    index: int = -1  # -1: take it from the cluster (JOB_COMPLETION_INDEX), else 0
-    num_workers: int = 1
-    marker_wait_timeout_s: int = 1800
+    target_shard_bytes: int = setting(100 * 1024**2, decides=(SHARDS,))
+    min_shards_per_split: int = setting(4, decides=(SHARDS,))
+    # Who writes which shard, not what the shards hold (the shards' fingerprint covers that).
+    index: int = setting(-1, resume=FREE)  # -1: take it from the cluster (JOB_COMPLETION_INDEX), else 0
+    num_workers: int = setting(1, resume=FREE)
+    marker_wait_timeout_s: int = setting(1800, resume=FREE)
     roundtrip_samples_per_class: int = 2
     roundtrip_min_psnr_db: float = 35.0  # only used for lossy (jpeg) encoding
 
@@ -159,7 +177,7 @@ class TrainConfig:
     backup_every_n_steps: int = 0  # 0: back up at the end of every epoch only
     seed: int = 42
     # Stop after this many whole epochs in this process (tests use it to simulate a crash point).
-    max_epochs_this_process: int = 0
+    max_epochs_this_process: int = setting(0, resume=FREE)
 
     def validate(self) -> None:
         _require(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
@@ -183,17 +201,20 @@ class TrainConfig:
 class ClusterConfig:
     """The Kubernetes side: how many training workers, which GPUs, where the Jobs run."""
 
-    num_workers: int = 1
+    # The shard count is raised to at least the number of workers (FILE autosharding).
+    num_workers: int = setting(1, decides=(SHARDS,))
     gpus_per_worker: int = 1
-    gpu_type: str = "nvidia-l4"
-    namespace: str = "pneumonia"
-    image: str = ""
-    train_job_name: str = "pneumonia-train"
-    train_service_name: str = "pneumonia-train-workers"
-    worker_port: int = 2222
-    peer_wait_timeout_s: int = 600
+    # Where a run's pods run and how they find each other, not what they train: a resume may change them.
+    gpu_type: str = setting("nvidia-l4", resume=FREE)
+    namespace: str = setting("pneumonia", resume=FREE)
+    # The Jobs carry the image; the config only records it. A resume after a fix is a new image tag.
+    image: str = setting("", resume=RECORDED)
+    train_job_name: str = setting("pneumonia-train", resume=FREE)
+    train_service_name: str = setting("pneumonia-train-workers", resume=FREE)
+    worker_port: int = setting(2222, resume=FREE)
+    peer_wait_timeout_s: int = setting(600, resume=FREE)
     # How long a stage waits for its upstream _SUCCESS.json (0: fail at once if it is missing).
-    upstream_wait_timeout_s: int = 0
+    upstream_wait_timeout_s: int = setting(0, resume=FREE)
 
     def validate(self) -> None:
         _require(self.num_workers >= 1, "cluster.num_workers", self.num_workers, ">= 1")
@@ -230,6 +251,34 @@ class PipelineConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def declared_keys(config: PipelineConfig | None = None, *, decides: str | None = None,
+                  resume: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The `section.key` names, in declaration order, whose field declares `decides` among the outputs it
+    shapes and (if given) one of the `resume` kinds. Walks `config`'s own sections (default: PipelineConfig()),
+    so a section subclass with more fields counts them too."""
+    config = config if config is not None else PipelineConfig()
+    names = []
+    for section in dataclasses.fields(config):
+        for item in dataclasses.fields(getattr(config, section.name)):
+            declared = item.metadata
+            if decides is not None and decides not in declared.get("decides", ()):
+                continue
+            if resume is not None and declared.get("resume", FIXED) not in resume:
+                continue
+            names.append(f"{section.name}.{item.name}")
+    return tuple(names)
+
+
+def settings_deciding(config: PipelineConfig, output: str) -> dict[str, dict[str, Any]]:
+    """{section: {key: value}} (JSON-plain values) of the keys that decide `output` (INTERIM, SHARDS)."""
+    tree = config.to_dict()
+    chosen: dict[str, dict[str, Any]] = {}
+    for name in declared_keys(config, decides=output):
+        section, key = name.split(".")
+        chosen.setdefault(section, {})[key] = tree[section][key]
+    return chosen
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> PipelineConfig:

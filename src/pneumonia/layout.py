@@ -7,6 +7,7 @@
     processed/<H>x<W>x<C>/{train,val,test}-NNNNN-of-NNNNN.tfrecord
     processed/<H>x<W>x<C>/_SUCCESS.json
     runs/<run_id>/{config.yaml, checkpoints/, backup/, tensorboard/, history.json, model/, report/}
+    runs/<run_id>/_SUCCESS.json, or _ENDED.json while it is stopped or failed for good
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pneumonia import storage
 from pneumonia.config import PipelineConfig
 
 MARKER_NAME = "_SUCCESS.json"
+# A run that ended without its marker: stopped on purpose or failed for good (pneumonia.training.run_end).
+ENDED_NAME = "_ENDED.json"
 CONFIG_NAME = "config.yaml"
 
 
@@ -53,6 +56,10 @@ class Layout:
     def run(self, run_id: str) -> str:
         return storage.join(self.root, "runs", run_id)
 
+    def run_config(self, run_id: str) -> str:
+        """The run's resolved config, written when training starts (a resume must match it)."""
+        return storage.join(self.run(run_id), CONFIG_NAME)
+
     def checkpoints(self, run_id: str) -> str:
         return storage.join(self.run(run_id), "checkpoints")
 
@@ -70,6 +77,9 @@ class Layout:
 
     def run_marker(self, run_id: str) -> str:
         return storage.join(self.run(run_id), MARKER_NAME)
+
+    def run_ended(self, run_id: str) -> str:
+        return storage.join(self.run(run_id), ENDED_NAME)
 
     def report(self, run_id: str) -> str:
         return storage.join(self.run(run_id), "report")

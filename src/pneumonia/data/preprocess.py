@@ -16,7 +16,7 @@ import uuid
 from typing import Any
 
 from pneumonia import storage
-from pneumonia.config import CLASS_NAMES, PipelineConfig
+from pneumonia.config import CLASS_NAMES, INTERIM, PipelineConfig, settings_deciding
 from pneumonia.data import archive as archive_lib
 from pneumonia.data import split as split_lib
 from pneumonia.errors import BadInputError
@@ -159,11 +159,9 @@ def archive_changed(marker: dict[str, Any], config: PipelineConfig) -> tuple[str
 
 
 def _fingerprint(config: PipelineConfig, archive_sha256: str) -> dict[str, Any]:
-    """Everything that changes the output; not the archive's path nor the run id."""
-    data = dataclasses.asdict(config.data)
-    del data["root"], data["archive"]
-    return {"version": PREPROCESS_VERSION, "archive_sha256": archive_sha256, "data": data,
-            "split": dataclasses.asdict(config.split)}
+    """Everything that changes the output (the keys config.py declares to decide INTERIM); not the
+    archive's path nor the run id."""
+    return {"version": PREPROCESS_VERSION, "archive_sha256": archive_sha256, **settings_deciding(config, INTERIM)}
 
 
 def _finished_marker(layout: Layout, marker: dict[str, Any] | None, fingerprint: dict[str, Any]) -> dict[str, Any] | None:

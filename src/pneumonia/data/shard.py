@@ -7,7 +7,6 @@ all complete runs the round-trip check and writes processed/<H>x<W>x<C>/_SUCCESS
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -18,8 +17,8 @@ from typing import Any
 import tensorflow as tf
 
 from pneumonia import cluster, storage
-from pneumonia.config import CLASS_NAMES, PipelineConfig
-from pneumonia.data import imaging, pipeline, preprocess, roundtrip, tfrecords
+from pneumonia.config import CLASS_NAMES, SHARDS, PipelineConfig, settings_deciding
+from pneumonia.data import imaging, pipeline, roundtrip, tfrecords, upstream
 from pneumonia.errors import BadInputError
 from pneumonia.layout import CONFIG_NAME, MARKER_NAME, Layout
 from pneumonia.logs import get_logger
@@ -92,28 +91,6 @@ def run(config: PipelineConfig) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------- upstream
 
-def interim_settings(config: PipelineConfig) -> dict[str, Any]:
-    """What the interim marker must record for this config: `split` and `data` as preprocess stores them,
-    less data.root and data.archive (a copied or moved data folder, or the archive's path, change no output)."""
-    data = dataclasses.asdict(config.data)
-    del data["root"], data["archive"]
-    return json.loads(json.dumps({"split": dataclasses.asdict(config.split), "data": data}))
-
-
-def _interim_mismatches(marker: Any, expected: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(key, marker's value, this config's value) for every setting that differs."""
-    recorded = marker.get("config") if isinstance(marker, dict) else None
-    recorded = recorded if isinstance(recorded, dict) else {}
-    missing = "<not recorded>"
-    found = []
-    for section, values in expected.items():
-        theirs = recorded.get(section) if isinstance(recorded.get(section), dict) else {}
-        for key, value in values.items():
-            if theirs.get(key, missing) != value:
-                found.append((f"{section}.{key}", theirs.get(key, missing), value))
-    return found
-
-
 def wait_for_interim(layout: Layout, config: PipelineConfig) -> dict[str, Any]:
     """Waits (bounded by cluster.upstream_wait_timeout_s) for an interim marker made with this config's
     split and data settings; returns it.
@@ -126,37 +103,26 @@ def wait_for_interim(layout: Layout, config: PipelineConfig) -> dict[str, Any]:
     timeout_s = config.cluster.upstream_wait_timeout_s
     deadline = time.monotonic() + timeout_s
     storage.wait_for(layout.interim_marker, timeout_s, what="the preprocess stage's marker (interim/_SUCCESS.json)")
-    expected = interim_settings(config)
-    next_log = 0.0
-    while True:
-        try:
-            marker = storage.read_json(layout.interim_marker)
-        except (ValueError, tf.errors.NotFoundError):
-            marker = None  # being replaced by a preprocess run right now
-        mismatches = _interim_mismatches(marker, expected) if marker is not None else None
-        changed = preprocess.archive_changed(marker, config) if marker is not None else None
-        if changed is not None:
-            mismatches = [*(mismatches or []), ("the archive", f"{marker.get('archive')} "
-                                                f"({marker.get('archive_identity')})", f"{changed[0]} ({changed[1]})")]
-        if mismatches == []:
-            return marker
-        now = time.monotonic()
-        if now >= deadline:
-            if mismatches is None:
-                storage.wait_for(layout.interim_marker, 0, what="the preprocess stage's marker "
-                                 "(interim/_SUCCESS.json)")
-                raise BadInputError(f"{layout.interim_marker} cannot be read; rerun the preprocess stage")
-            shown = ", ".join(f"{key}={theirs}" for key, theirs, _ in mismatches[:3])
-            wanted = ", ".join(f"{key}={ours}" for key, _, ours in mismatches[:3])
-            more = f" (and {len(mismatches) - 3} more)" if len(mismatches) > 3 else ""
-            raise BadInputError(f"interim/ was made with {shown} but this config has {wanted}{more} "
-                                f"({layout.interim_marker}); rerun preprocess with this config (or raise "
-                                "cluster.upstream_wait_timeout_s if it is running now)")
-        if now >= next_log:
-            log.info("waiting for an interim marker made with this config", marker=layout.interim_marker,
-                     differing=[key for key, _, _ in mismatches or []], seconds_left=round(deadline - now))
-            next_log = now + 60.0
-        time.sleep(min(_UPSTREAM_POLL_S, max(0.0, deadline - now)))
+
+    def check() -> tuple[dict[str, Any] | None, list[upstream.Mismatch]]:
+        marker = upstream.read_interim_marker(layout)
+        if marker is None:
+            return None, [("interim/_SUCCESS.json", "unreadable", "a marker")]
+        return marker, upstream.interim_mismatches(marker, config)
+
+    def give_up(marker: dict[str, Any] | None, mismatches: list[upstream.Mismatch]) -> Exception:
+        if marker is None:
+            storage.wait_for(layout.interim_marker, 0, what="the preprocess stage's marker (interim/_SUCCESS.json)")
+            return BadInputError(f"{layout.interim_marker} cannot be read; rerun the preprocess stage")
+        shown = ", ".join(f"{key}={theirs}" for key, theirs, _ in mismatches[:3])
+        wanted = ", ".join(f"{key}={ours}" for key, _, ours in mismatches[:3])
+        more = f" (and {len(mismatches) - 3} more)" if len(mismatches) > 3 else ""
+        return BadInputError(f"interim/ was made with {shown} but this config has {wanted}{more} "
+                             f"({layout.interim_marker}); rerun preprocess with this config (or raise "
+                             "cluster.upstream_wait_timeout_s if it is running now)")
+
+    return upstream.wait_until_current(check, deadline=deadline, give_up=give_up, poll_s=_UPSTREAM_POLL_S,
+                                       waiting_for="an interim marker made with this config")
 
 
 # ---------------------------------------------------------------------------------------- manifest
@@ -252,15 +218,16 @@ def plan_shards(rows: list[dict[str, Any]], config: PipelineConfig) -> list[Shar
 
 
 def _output_settings(config: PipelineConfig) -> dict[str, Any]:
-    """The settings that change shard bytes (not who writes them or how long anyone waits)."""
+    """The settings that change shard bytes (not who writes them or how long anyone waits): the keys
+    config.py declares to decide SHARDS, named as markers have recorded them since version 1 (a shard
+    key by its own name, another as section_key), plus this code's own encoder settings."""
     shard = config.shard
-    return {"format_version": tfrecords.FORMAT_VERSION, "image_height": shard.image_height,
-            "image_width": shard.image_width, "channels": shard.channels, "encoding": shard.encoding,
+    declared = {(key if section == "shard" else f"{section}_{key}"): value
+                for section, values in settings_deciding(config, SHARDS).items() for key, value in values.items()}
+    return {"format_version": tfrecords.FORMAT_VERSION, **declared,
             "jpeg_quality": imaging.JPEG_QUALITY if shard.encoding == "jpeg" else None,
             "png_compression": imaging.PNG_COMPRESSION if shard.encoding == "png" else None,
-            "resize": imaging.RESIZE_METHOD,
-            "target_shard_bytes": shard.target_shard_bytes, "min_shards_per_split": shard.min_shards_per_split,
-            "cluster_num_workers": config.cluster.num_workers, "split_seed": config.split.seed}
+            "resize": imaging.RESIZE_METHOD}
 
 
 def compute_fingerprint(manifest_sha256: str, config: PipelineConfig) -> str:

@@ -17,8 +17,11 @@ from kubernetes.client.exceptions import ApiException
 from pneumonia.cli import new_run_id
 from pneumonia.config import load_config
 from pneumonia.errors import EXIT_BAD_INPUT, BadInputError
+from pneumonia.k8s import client as kc
 from pneumonia.k8s import launcher as ln
+from pneumonia.k8s import logs as lg
 from pneumonia.k8s import manifests as mf
+from pneumonia.k8s import status as st
 from pneumonia.logs import configure_logging
 
 
@@ -83,21 +86,21 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if args.command == "run":
             return _run(args, out)
         namespace = args.namespace or load_config(mf.CLUSTER_CONFIG).cluster.namespace
-        client = ln.KubeClient(args.kubeconfig, args.context, namespace)
+        client = kc.KubeClient(args.kubeconfig, args.context, namespace)
         if args.command == "status":
-            return ln.show_status(client, args.run_id, out)
+            return st.show_status(client, args.run_id, out)
         if args.command == "logs":
-            options = ln.FollowOptions(poll_s=args.poll_s, timeout_s=args.timeout_s)
-            return ln.show_logs(client, args.run_id, args.stage, args.index, args.tail, args.follow, options, out)
+            options = st.FollowOptions(poll_s=args.poll_s, timeout_s=args.timeout_s)
+            return lg.show_logs(client, args.run_id, args.stage, args.index, args.tail, args.follow, options, out)
         if not args.yes and not ln._ask(f"Delete the Jobs of run {args.run_id} (and their pods)? [y/N] "):
             return ln.EXIT_OK
         ln.delete_run(client, args.run_id, lambda text: print(text, file=out))
         return ln.EXIT_OK
-    except (BadInputError, ln.LaunchError) as error:
+    except (BadInputError, kc.LaunchError) as error:
         print(f"error: {error}", file=sys.stderr)
         return getattr(error, "exit_code", EXIT_BAD_INPUT)
     except ApiException as error:
-        print(f"error: {ln.api_error(error)}", file=sys.stderr)
+        print(f"error: {kc.api_error(error)}", file=sys.stderr)
         return ln.EXIT_FAILURE
     except KeyboardInterrupt:
         return ln.EXIT_INTERRUPTED
@@ -122,7 +125,8 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     if archive_url:
         config = mf.with_launch_options(config, archive=archive_url)
     mf.check_launchable(config)
-    objects = mf.build_manifests(mf.load_manifests(args.manifests), config, managed_by="pneumonia-k8s")
+    objects = mf.without_upstream_waits(
+        mf.build_manifests(mf.load_manifests(args.manifests), config, managed_by="pneumonia-k8s"))
     if args.gsa:
         if not args.setup:
             raise BadInputError("--gsa sets the ServiceAccount, which only --setup applies: add --setup")
@@ -136,8 +140,8 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
             print(f"dry run: would upload {archive_local} to {archive_url}", file=sys.stderr)
         print(f"dry run: nothing created (run id {config.train.run_id})", file=sys.stderr)
         return ln.EXIT_OK
-    client = ln.KubeClient(args.kubeconfig, args.context, config.cluster.namespace)
-    options = ln.FollowOptions(poll_s=args.poll_s, timeout_s=args.timeout_s)
+    client = kc.KubeClient(args.kubeconfig, args.context, config.cluster.namespace)
+    options = st.FollowOptions(poll_s=args.poll_s, timeout_s=args.timeout_s)
     launcher = ln.Launcher(client, objects, config, options, out)
     print(f"run {config.train.run_id}: {config.cluster.num_workers} worker(s) x {config.cluster.gpus_per_worker} "
           f"{config.cluster.gpu_type if config.cluster.gpus_per_worker else 'CPU only'}, data {config.data.root}, "

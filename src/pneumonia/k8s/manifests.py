@@ -41,6 +41,8 @@ GSA_ANNOTATION = "iam.gke.io/gcp-service-account"
 GSA_PLACEHOLDER = "@PROJECT."
 SERVICE_ACCOUNT_MANIFEST = "manifests/01-serviceaccount.yaml"
 
+UPSTREAM_WAIT_KEY = "cluster.upstream_wait_timeout_s"
+
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_LABEL = "cloud.google.com/gke-accelerator"
 
@@ -243,6 +245,31 @@ def containers(obj: dict[str, Any]) -> list[dict[str, Any]]:
     return [*spec.get("initContainers", []), *spec.get("containers", [])]
 
 
+def memory_volumes(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pod's memory-backed emptyDir volumes (/dev/shm): their pages count against the memory limit."""
+    return [volume for volume in pod_spec(job).get("volumes", [])
+            if (volume.get("emptyDir") or {}).get("medium") == "Memory"]
+
+
+def without_upstream_waits(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The objects (never mutated) for the launcher, which creates each Job only once the one before it
+    completed: a Job's own `--set cluster.upstream_wait_timeout_s=N` (evaluate waits for the whole
+    training under `kubectl apply`) becomes 0, and its activeDeadlineSeconds loses those N seconds, so a
+    run that ended without its marker fails evaluate at once instead of holding its pod for hours."""
+    objects = copy.deepcopy(objects)
+    for obj in objects:
+        if obj.get("kind") != "Job":
+            continue
+        for container in containers(obj):
+            args = container.get("args", [])
+            for position, arg in enumerate(args):
+                key, _, value = arg.partition("=")
+                if position and args[position - 1] == "--set" and key == UPSTREAM_WAIT_KEY:
+                    args[position] = f"{UPSTREAM_WAIT_KEY}=0"
+                    obj["spec"]["activeDeadlineSeconds"] -= int(value)
+    return objects
+
+
 def _patch_common(obj: dict[str, Any], config: PipelineConfig, managed_by: str | None) -> None:
     namespace = config.cluster.namespace
     metadata = obj["metadata"]
@@ -283,12 +310,16 @@ def _patch_train_job(job: dict[str, Any], config: PipelineConfig) -> None:
         port["containerPort"] = cluster.worker_port
     resources = container["resources"]
     current_gpus = int(resources.get("limits", {}).get(GPU_RESOURCE, "0"))
-    # CPU and memory are sized per GPU; a CPU-only worker keeps the one-GPU size.
+    # CPU, memory and /dev/shm are sized per GPU; a CPU-only worker keeps the one-GPU size. Requests and
+    # limits scale by the same exact fraction, so equal ones (Guaranteed QoS) stay equal, and /dev/shm
+    # stays the same share of the memory limit it counts against.
     old_share, new_share = max(current_gpus, 1), max(cluster.gpus_per_worker, 1)
     for section in ("requests", "limits"):
         for name in ("cpu", "memory"):
             if name in resources.get(section, {}):
                 resources[section][name] = _scale_quantity(resources[section][name], new_share, old_share)
+    for volume in memory_volumes(job):
+        volume["emptyDir"]["sizeLimit"] = _scale_quantity(volume["emptyDir"]["sizeLimit"], new_share, old_share)
     tolerations = [t for t in spec.get("tolerations", []) if t.get("key") != GPU_RESOURCE]
     node_selector = {k: v for k, v in spec.get("nodeSelector", {}).items() if k != GPU_NODE_LABEL}
     resources.get("requests", {}).pop(GPU_RESOURCE, None)
@@ -303,6 +334,18 @@ def _patch_train_job(job: dict[str, Any], config: PipelineConfig) -> None:
             spec[key] = value
         else:
             spec.pop(key, None)
+
+
+_UNIT_FACTORS = {"": 1, "m": Fraction(1, 1000), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+                 "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity_value(quantity: str) -> Fraction:
+    """A Kubernetes quantity as an exact number ("4Gi" -> 4294967296, "500m" -> 1/2)."""
+    match = _QUANTITY.match(str(quantity))
+    if match is None or match.group(2) not in _UNIT_FACTORS:
+        raise ConfigError(f"cannot read resource quantity {quantity!r}")
+    return Fraction(match.group(1)) * _UNIT_FACTORS[match.group(2)]
 
 
 def _scale_quantity(quantity: str, numerator: int, denominator: int) -> str:

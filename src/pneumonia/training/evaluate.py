@@ -25,7 +25,7 @@ from pneumonia.errors import BadInputError, ConfigError
 from pneumonia.layout import CONFIG_NAME, Layout
 from pneumonia.logs import get_logger
 from pneumonia.model import zoo
-from pneumonia.training import report
+from pneumonia.training import report, run_end
 
 log = get_logger(__name__)
 
@@ -116,8 +116,7 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     layout = Layout.of(config)
     run_id = config.train.run_id
     run_dir = layout.run(run_id)
-    storage.wait_for(layout.run_marker(run_id), config.cluster.upstream_wait_timeout_s,
-                     what=f"the train stage's marker for run {run_id} (set train.run_id to a finished run)")
+    run_end.wait_for_finished_run(layout, config)  # exits at once when the run stopped or failed for good
     model, run_config = load_trained_model(run_dir)
     size_dir = run_config.shard.size_dir
     processed_dir = layout.processed(size_dir)

@@ -21,10 +21,10 @@ import tf_keras as keras
 import yaml
 
 from pneumonia import cluster, storage
-from pneumonia.config import CLASS_NAMES, PipelineConfig, TrainConfig
-from pneumonia.data import pipeline, preprocess
+from pneumonia.config import CLASS_NAMES, FREE, RECORDED, PipelineConfig, TrainConfig, declared_keys
+from pneumonia.data import pipeline, upstream
 from pneumonia.errors import EXIT_PREEMPTED, BadInputError, ConfigError, UpstreamMissingError
-from pneumonia.layout import CONFIG_NAME, Layout
+from pneumonia.layout import Layout
 from pneumonia.logs import get_logger
 from pneumonia.model import zoo
 from pneumonia.model.metrics import build_metrics
@@ -42,14 +42,9 @@ log = get_logger(__name__)
 MONITOR = "val_cohen_kappa"
 BEST_WEIGHTS_NAME = "best.weights.h5"
 MODEL_FORMAT = "tf_keras SavedModel (load with tf_keras.models.load_model(path, compile=False))"
-# Keys that steer only this process or where and from what image it runs, not what is trained: a
-# resume may change them. The image is among them because `make train-cluster RUN_ID=...` tags
-# every commit anew, and resuming after a fix is the point of resuming. The shard keys are the
-# shard stage's own (its writers, not the shards' content, which the shards' fingerprint covers).
-_PROCESS_KEYS = {"train": ("max_epochs_this_process",),
-                 "shard": ("num_workers", "index", "marker_wait_timeout_s"),
-                 "cluster": ("upstream_wait_timeout_s", "peer_wait_timeout_s", "image", "gpu_type", "namespace",
-                             "train_job_name", "train_service_name", "worker_port")}
+# Keys that steer only this process or where and from what image it runs, not what is trained, are
+# declared in config.py (resume=FREE or RECORDED): a resume may change them.
+_RESUME_MAY_CHANGE = (FREE, RECORDED)
 
 
 @dataclass(frozen=True)
@@ -146,43 +141,37 @@ def wait_for_current_inputs(layout: Layout, config: PipelineConfig, poll_s: floa
     for path, what in ((layout.interim_marker, "the preprocess marker"), (layout.split_manifest, "the split manifest"),
                        (layout.processed_marker(config.shard.size_dir), "the shards")):
         storage.wait_for(path, max(0.0, deadline - time.monotonic()), what=what)
-    while True:
-        interim_marker = storage.read_json(layout.interim_marker)
-        interim_split = interim_marker.get("config", {}).get("split")
+
+    def check() -> tuple[tuple[dict, bytes], list[str]]:
+        interim_marker = upstream.read_interim_marker(layout)
         manifest_bytes = storage.read_bytes(layout.split_manifest)
         marker = pipeline.read_marker(processed_dir)
-        problems = []
-        if interim_split != dataclasses.asdict(config.split):
-            problems.append(f"interim/ was split with {interim_split}, this config has "
-                            f"{dataclasses.asdict(config.split)} (rerun preprocess)")
-        changed = preprocess.archive_changed(interim_marker, config)
-        if changed is not None:
-            problems.append(f"interim/ was made from {interim_marker.get('archive')}, which has been replaced since "
-                            f"({changed[0]} is now {changed[1]}; rerun preprocess)")
-        manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
-        if marker.get("split_manifest", {}).get("sha256") != manifest_sha256:
+        problems = (["interim/_SUCCESS.json cannot be read (being replaced?)"] if interim_marker is None else
+                    [upstream.describe_mismatch(found) for found in upstream.interim_mismatches(interim_marker, config)])
+        if marker.get("split_manifest", {}).get("sha256") != hashlib.sha256(manifest_bytes).hexdigest():
             problems.append(f"the shards in {processed_dir} were written from another split manifest (rerun shard)")
-        if not problems:
-            return marker, manifest_bytes
-        if time.monotonic() >= deadline:
-            raise BadInputError("the training inputs do not match this config: " + "; ".join(problems))
-        log.info("waiting for upstream stages to catch up with this config", problems=problems)
-        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+        return (marker, manifest_bytes), problems
+
+    return upstream.wait_until_current(
+        check, deadline=deadline, poll_s=poll_s, waiting_for="upstream stages to catch up with this config",
+        give_up=lambda _, problems: BadInputError("the training inputs do not match this config: "
+                                                  + "; ".join(problems)))
 
 
-def comparable_config(tree: dict[str, Any]) -> dict[str, Any]:
-    """The config without the keys a resume may change (they steer one process, not the run)."""
+def comparable_config(tree: dict[str, Any], config: PipelineConfig | None = None) -> dict[str, Any]:
+    """The config without the keys a resume may change (they steer one process, not the run), as
+    `config`'s fields declare them (default: PipelineConfig's)."""
     tree = {section: dict(values) for section, values in tree.items()}
-    for section, keys in _PROCESS_KEYS.items():
-        for key in keys:
-            tree.get(section, {}).pop(key, None)
+    for name in declared_keys(config, resume=_RESUME_MAY_CHANGE):
+        section, key = name.split(".")
+        tree.get(section, {}).pop(key, None)
     return tree
 
 
 def changed_keys(previous: dict[str, Any], config: PipelineConfig) -> list[str]:
     """The section.key names whose values differ between a run's saved config and `config`,
     leaving out the keys a resume may change (comparable_config)."""
-    before, now = comparable_config(previous), comparable_config(config.to_dict())
+    before, now = comparable_config(previous, config), comparable_config(config.to_dict(), config)
     return sorted(f"{section}.{key}" for section in sorted(set(before) | set(now))
                   for key in set(before.get(section, {})) | set(now.get(section, {}))
                   if before.get(section, {}).get(key) != now.get(section, {}).get(key))
@@ -223,7 +212,7 @@ def run(config: PipelineConfig) -> dict[str, Any] | None:
                      else "MirroredStrategy" if num_replicas > 1 else "default")
 
     if spec.is_chief:
-        storage.write_text(storage.join(layout.run(run_id), CONFIG_NAME), config.to_yaml())
+        storage.write_text(layout.run_config(run_id), config.to_yaml())
     history_path = layout.history(run_id)
     previous = storage.read_json(history_path) if storage.exists(history_path) else {}
     meta = {
@@ -369,7 +358,7 @@ def _already_finished(layout: Layout, config: PipelineConfig) -> dict[str, Any] 
 
 def _check_resume_config(layout: Layout, config: PipelineConfig) -> None:
     """A backup is only valid for the config that wrote it: refuse to mix two configs in one run."""
-    path = storage.join(layout.run(config.train.run_id), CONFIG_NAME)
+    path = layout.run_config(config.train.run_id)
     if not storage.exists(path):
         return
     changed = changed_keys(yaml.safe_load(storage.read_text(path)) or {}, config)
