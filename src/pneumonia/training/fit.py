@@ -63,10 +63,25 @@ class Phase:
     learning_rate: float
 
 
-def plan_phases(config: PipelineConfig, num_replicas: int = 1) -> list[Phase]:
-    """warmup: head only for train.warmup_epochs, then everything at the fine-tune rate; else one phase."""
+def learning_rate_scale(train: TrainConfig, global_batch: int) -> float:
+    """The linear scaling rule: global batch / the batch the rates were set for.
+
+    The rates are set for a global batch of train.reference_batch_size (0: the per-replica batch,
+    the batch of one replica). The global batch, not the replica count, is what changes the
+    gradient noise: a fixed train.global_batch_size trains at the same rate on 1 or 4 workers.
+    """
+    if not train.scale_learning_rate:
+        return 1.0
+    return global_batch / (train.reference_batch_size or train.per_replica_batch_size)
+
+
+def plan_phases(config: PipelineConfig, global_batch: int | None = None) -> list[Phase]:
+    """warmup: head only for train.warmup_epochs, then everything at the fine-tune rate; else one phase.
+
+    The rates are scaled for `global_batch` (learning_rate_scale); None: unscaled.
+    """
     train = config.train
-    scale = num_replicas if train.scale_learning_rate else 1
+    scale = learning_rate_scale(train, global_batch) if global_batch else 1.0
     lr, fine_lr = train.learning_rate * scale, train.fine_tune_learning_rate * scale
     if config.model.trainable == "frozen":
         return [Phase("frozen", 0, train.epochs, False, lr)]
@@ -215,7 +230,7 @@ def run(config: PipelineConfig) -> dict[str, Any] | None:
     global_batch, per_replica_batch = resolve_global_batch(config.train, num_replicas)
     steps = pipeline.steps_per_epoch(marker, "train", global_batch)
     pipeline.num_records(marker, "val")  # fails early (exit 2) when there is nothing to validate on
-    phases = plan_phases(config, num_replicas)
+    phases = plan_phases(config, global_batch)
     image = marker["image"]
     input_shape = (int(image["height"]), int(image["width"]), int(image["channels"]))
     weights = class_weight_vector(manifest) if config.train.class_weights else None
