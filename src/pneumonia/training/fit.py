@@ -217,13 +217,16 @@ def run(config: PipelineConfig) -> dict[str, Any] | None:
     finished = _already_finished(layout, config)
     if finished is not None:
         return finished
+    # Config checks and the (possibly hours-long) wait for the upstream stages also come before the
+    # cluster forms: a slow scale-up or a preempted peer during that wait must not spend retries.
+    _check_resume_config(layout, config)
+    cluster.check_xla(config.model.xla, cluster.planned_spec(config.cluster), cluster.num_gpus())
+    marker, manifest_bytes = wait_for_current_inputs(layout, config)
     # The strategy comes before any TensorFlow op: collectives must be configured at start-up.
     strategy, spec = cluster.make_strategy(config.cluster)
-    _check_resume_config(layout, config)
 
     size_dir = config.shard.size_dir
     processed_dir = layout.processed(size_dir)
-    marker, manifest_bytes = wait_for_current_inputs(layout, config)
     manifest = json.loads(manifest_bytes)
 
     num_replicas = strategy.num_replicas_in_sync
@@ -257,7 +260,7 @@ def run(config: PipelineConfig) -> dict[str, Any] | None:
 
     # Same seed, same initial weights on every worker and in every rerun of a config.
     keras.utils.set_random_seed(config.train.seed)
-    use_xla = zoo.configure_precision(config.model, has_gpu=cluster.num_gpus() > 0)
+    use_xla = zoo.configure_precision(config.model, has_gpu=cluster.num_gpus() > 0, num_replicas=num_replicas)
     train_data = pipeline.distributed_dataset(strategy, processed_dir, "train", global_batch, True, config)
     val_data = validation_dataset(processed_dir, global_batch, config)
     with strategy.scope():
