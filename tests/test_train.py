@@ -309,6 +309,15 @@ def test_stop_after_one_epoch_then_resume_across_the_warmup_switch(data_root: st
         fit.run(tiny_config(data_root, "resume", "train.learning_rate=0.01"))
 
 
+def test_a_run_stopped_and_resumed_ends_with_the_weights_of_an_uninterrupted_one(data_root: str):
+    """The resumed epoch draws the data and augmentation the uninterrupted run's did (not epoch 0's again)."""
+    one_phase = ("model.trainable=full", "train.warmup_epochs=0", "train.epochs=2", "model.dropout=0")
+    whole = fit.run(tiny_config(data_root, "whole", *one_phase))
+    assert fit.run(tiny_config(data_root, "split", "train.max_epochs_this_process=1", *one_phase)) is None
+    resumed = fit.run(tiny_config(data_root, "split", *one_phase))
+    assert resumed["weights_sha256"] == whole["weights_sha256"]
+
+
 def test_backup_every_n_steps_resumes_inside_the_epoch(tmp_path: Path):
     """A crash mid-epoch with backup_every_n_steps: the next fit starts at the step after the last backup."""
     from pneumonia.training.callbacks import PreemptionWatch, ResumableBackup

@@ -36,6 +36,7 @@ from pneumonia.training.callbacks import (
     ResumableBackup,
     weights_sha256,
 )
+from pneumonia.training.input_position import InputPosition, start_step_variable
 
 log = get_logger(__name__)
 
@@ -261,7 +262,9 @@ def run(config: PipelineConfig) -> dict[str, Any] | None:
     # Same seed, same initial weights on every worker and in every rerun of a config.
     keras.utils.set_random_seed(config.train.seed)
     use_xla = zoo.configure_precision(config.model, has_gpu=cluster.num_gpus() > 0, num_replicas=num_replicas)
-    train_data = pipeline.distributed_dataset(strategy, processed_dir, "train", global_batch, True, config)
+    start_step = start_step_variable()
+    train_data = pipeline.distributed_dataset(strategy, processed_dir, "train", global_batch, True, config,
+                                              start_step=start_step)
     val_data = validation_dataset(processed_dir, global_batch, config)
     with strategy.scope():
         model = zoo.build_model(config.model, input_shape, num_classes=len(CLASS_NAMES))
@@ -281,7 +284,9 @@ def run(config: PipelineConfig) -> dict[str, Any] | None:
             backups.append(backup)
             # Best weights, then the history, then the backup: a crash between two of them redoes
             # the epoch, and the history never records a best score whose weights were not saved.
-            callbacks: list[keras.callbacks.Callback] = [best, history, backup, limit]
+            # The input's start follows the backup's restore: a resumed epoch draws what it drew before.
+            callbacks: list[keras.callbacks.Callback] = [best, history, backup,
+                                                         InputPosition(start_step, phase.start_epoch), limit]
             if spec.is_chief:
                 callbacks.append(keras.callbacks.TensorBoard(layout.tensorboard(run_id), write_graph=False,
                                                              profile_batch=0))
