@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from pneumonia import cluster
 from pneumonia.config import ClusterConfig
-from pneumonia.errors import BadInputError
+from pneumonia.errors import BadInputError, ConfigError
 
 
 @pytest.fixture
@@ -96,3 +96,28 @@ def test_without_tf_config_or_gpus_the_default_strategy_is_used(clean_env: pytes
     strategy, spec = cluster.make_strategy(ClusterConfig())
     assert strategy is tf.distribute.get_strategy() and strategy.num_replicas_in_sync == 1
     assert spec.is_chief and spec.num_workers == 1
+
+
+def test_planned_spec_reads_the_cluster_without_joining_it(clean_env: pytest.MonkeyPatch):
+    assert not cluster.planned_spec(ClusterConfig(num_workers=2)).is_multi_worker  # outside a Job: alone
+    clean_env.setenv("JOB_COMPLETION_INDEX", "1")
+    spec = cluster.planned_spec(ClusterConfig(num_workers=2, train_job_name="job", train_service_name="svc"))
+    assert spec.workers == ("job-0.svc:2222", "job-1.svc:2222") and spec.task_index == 1
+    assert "TF_CONFIG" not in cluster.os.environ  # nothing set, no peer waited for
+
+
+@pytest.mark.parametrize(("xla", "num_workers", "gpus", "refused"), [
+    (True, 2, 0, True),  # RING: XLA cannot compile it
+    (True, 1, 0, False),  # one replica: nothing to all-reduce
+    (True, 2, 1, False),  # NCCL: compiled by XLA (not run here), allowed with a warning
+    (None, 2, 0, False),  # unset: the default keeps XLA off with several replicas
+    (False, 2, 0, False),
+])
+def test_xla_forced_on_over_ring_collectives_is_refused_naming_the_key(xla, num_workers, gpus, refused):
+    workers = tuple(f"127.0.0.1:{2000 + i}" for i in range(num_workers)) if num_workers > 1 else ()
+    spec = cluster.ClusterSpec(workers=workers)
+    if refused:
+        with pytest.raises(ConfigError, match=r"model\.xla = True .* RING"):
+            cluster.check_xla(xla, spec, gpus)
+    else:
+        cluster.check_xla(xla, spec, gpus)

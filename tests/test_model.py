@@ -80,14 +80,17 @@ def test_mixed_precision_keeps_the_softmax_in_float32():
     np.testing.assert_allclose(output.numpy().sum(axis=1), 1.0, rtol=1e-3)
 
 
-@pytest.mark.parametrize(("mixed", "xla", "has_gpu", "policy", "want_xla"), [
-    (None, None, True, "mixed_float16", True),
-    (None, None, False, "float32", False),
-    (False, True, True, "float32", True),
-    (True, False, False, "mixed_float16", False),
+@pytest.mark.parametrize(("mixed", "xla", "has_gpu", "num_replicas", "policy", "want_xla"), [
+    (None, None, True, 1, "mixed_float16", True),
+    (None, None, True, 2, "mixed_float16", False),  # XLA by default only where known to work: one replica
+    (None, None, False, 1, "float32", False),
+    (False, True, True, 2, "float32", True),
+    (True, False, False, 1, "mixed_float16", False),
 ])
-def test_configure_precision_defaults_to_on_with_a_gpu_and_config_forces(mixed, xla, has_gpu, policy, want_xla):
-    assert zoo.configure_precision(ModelConfig(mixed_precision=mixed, xla=xla), has_gpu=has_gpu) is want_xla
+def test_configure_precision_defaults_to_on_with_a_gpu_and_config_forces(mixed, xla, has_gpu, num_replicas, policy,
+                                                                         want_xla):
+    assert zoo.configure_precision(ModelConfig(mixed_precision=mixed, xla=xla), has_gpu=has_gpu,
+                                   num_replicas=num_replicas) is want_xla
     assert keras.mixed_precision.global_policy().name == policy
 
 

@@ -59,10 +59,11 @@ def test_training_shuffles_augments_repeats_and_drops_the_remainder(processed: t
     train = pipeline.make_dataset(processed_dir, "train", 4, training=True, config=plain, with_metadata=True)
     assert train.element_spec[0].shape.as_list() == [4, 32, 32, 1]  # static batch: drop_remainder
     seen = [p.decode() for _, _, meta in train.take(10).as_numpy_iterator() for p in meta["source_path"]]
-    assert len(seen) == 40 and len(set(seen)) == 17  # repeats past one epoch, every record comes
+    # 17 records in batches of 4: 4 steps, so 16 distinct records an epoch, in a new order each epoch.
+    assert len(seen) == 40 and len(set(seen[:16])) == len(set(seen[16:32])) == 16 and seen[:16] != seen[16:32]
     eval_order = paths_of(pipeline.make_dataset(processed_dir, "train", 4, training=False, config=plain,
                                                 with_metadata=True))
-    assert seen[:17] != eval_order
+    assert set(seen) <= set(eval_order) and seen[:16] != eval_order[:16]
 
     eval_images = {}
     for images, _, meta in pipeline.make_dataset(processed_dir, "train", 17, training=False, config=plain,
@@ -75,6 +76,65 @@ def test_training_shuffles_augments_repeats_and_drops_the_remainder(processed: t
         differs = [not np.array_equal(image, eval_images[path]) for image, path in zip(images, meta["source_path"], strict=True)]
         assert all(differs) if changed else not any(differs)
         assert images.min() >= 0.0 and images.max() <= 1.0
+
+
+def batches(dataset: tf.data.Dataset, count: int) -> list[tuple[np.ndarray, list[str]]]:
+    return [(images, [p.decode() for p in meta["source_path"]])
+            for images, _, meta in dataset.take(count).as_numpy_iterator()]
+
+
+def test_a_resumed_run_draws_each_epoch_as_an_uninterrupted_run_does(processed: tuple[str, dict, list[dict]],
+                                                                    tmp_path_factory: pytest.TempPathFactory) -> None:
+    processed_dir = processed[0]
+    config = config_for(tmp_path_factory.getbasetemp(), "train.augment=true", "train.shuffle_buffer=64")
+    steps = 4  # 17 records, batches of 4
+
+    def stream(start_step: tf.Variable | int) -> tf.data.Dataset:
+        return pipeline.make_dataset(processed_dir, "train", 4, training=True, config=config, with_metadata=True,
+                                     start_step=start_step)
+
+    uninterrupted = batches(stream(0), 3 * steps)
+    assert [paths for _, paths in uninterrupted[:steps]] != [paths for _, paths in uninterrupted[steps:2 * steps]]
+    # From an epoch boundary and from the middle of an epoch (a backup every N steps, or SIGTERM).
+    for start in (steps, 2 * steps, steps + 2):
+        resumed = batches(stream(start), 3 * steps - start)
+        assert [paths for _, paths in resumed] == [paths for _, paths in uninterrupted[start:]]
+        for (images, _), (expected, _) in zip(resumed, uninterrupted[start:], strict=True):
+            np.testing.assert_array_equal(images, expected)  # the same augmentation draws too
+    # A variable start is read when iteration starts (fit sets it after restoring its backup).
+    start_step = tf.Variable(0, dtype=tf.int64)
+    dataset = stream(start_step)
+    start_step.assign(2 * steps)
+    images, paths = batches(dataset, 1)[0]
+    assert paths == uninterrupted[2 * steps][1]
+    np.testing.assert_array_equal(images, uninterrupted[2 * steps][0])
+
+
+def test_workers_and_epochs_draw_differently(processed: tuple[str, dict, list[dict]],
+                                            tmp_path_factory: pytest.TempPathFactory) -> None:
+    file_orders, draws = {}, {}
+    for epoch in (0, 1):
+        for worker in (0, 1):
+            file_seed, key = pipeline.epoch_seeds(42, epoch, worker)
+            file_orders[epoch, worker], draws[epoch, worker] = int(file_seed), tuple(key.numpy())
+    # One file order per epoch on every worker (DATA sharding needs it); shuffle and augmentation
+    # draws of their own for each worker and epoch.
+    assert file_orders[0, 0] == file_orders[0, 1] != file_orders[1, 0] == file_orders[1, 1]
+    assert len(set(draws.values())) == 4
+    assert pipeline.epoch_seeds(7, 0, 0)[0] != pipeline.epoch_seeds(42, 0, 0)[0]
+
+    processed_dir = processed[0]
+    config = config_for(tmp_path_factory.getbasetemp(), "train.augment=true", "train.shuffle_buffer=64")
+    per_worker = []
+    for worker in (0, 1):
+        context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker, num_replicas_in_sync=2)
+        per_worker.append(batches(pipeline.make_dataset(processed_dir, "train", 4, training=True, config=config,
+                                                        with_metadata=True, input_context=context), 4))
+    # 2 steps of 2 x 4 records an epoch; each worker draws its 8 from its own files (the one
+    # whose files hold fewer draws some twice), in a new order the next epoch.
+    first_epoch = [[path for _, paths in worker[:2] for path in paths] for worker in per_worker]
+    assert [len(paths) for paths in first_epoch] == [8, 8] and not set(first_epoch[0]) & set(first_epoch[1])
+    assert [paths for _, paths in per_worker[0][2:]] != [paths for _, paths in per_worker[0][:2]]
 
 
 @pytest.mark.parametrize("min_shards, policy", [(4, "FILE"), (1, "DATA")])

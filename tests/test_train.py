@@ -6,6 +6,7 @@ per session, copied per test), and the small CNN.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -144,13 +145,14 @@ def start_train(args: Sequence[str], env: dict[str, str]) -> subprocess.Popen:
 def test_phases_follow_model_trainable_and_scale_the_learning_rate():
     config = load_config(None, ["model.trainable=warmup", "train.epochs=5", "train.warmup_epochs=2",
                                 "train.learning_rate=0.01", "train.fine_tune_learning_rate=0.001"])
-    warmup, fine_tune = fit.plan_phases(config, num_replicas=4)
+    # 4 replicas x the default per-replica batch of 32: a global batch 4x the reference batch.
+    warmup, fine_tune = fit.plan_phases(config, global_batch=128)
     assert (warmup.name, warmup.start_epoch, warmup.end_epoch, warmup.backbone_trainable) == ("warmup", 0, 2, False)
     assert (fine_tune.start_epoch, fine_tune.end_epoch, fine_tune.backbone_trainable) == (2, 5, True)
     assert warmup.learning_rate == pytest.approx(0.04) and fine_tune.learning_rate == pytest.approx(0.004)
 
-    unscaled = config.replace(train=config.train.__class__(**{**config.train.__dict__, "scale_learning_rate": False}))
-    assert fit.plan_phases(unscaled, num_replicas=4)[0].learning_rate == pytest.approx(0.01)
+    unscaled = config.replace(train=dataclasses.replace(config.train, scale_learning_rate=False))
+    assert fit.plan_phases(unscaled, global_batch=128)[0].learning_rate == pytest.approx(0.01)
     # No warmup epochs: a single fine-tune phase from epoch 0; all warmup: no fine-tune phase.
     assert [p.name for p in fit.plan_phases(load_config(None, ["train.warmup_epochs=0"]))] == ["fine_tune"]
     assert [p.name for p in fit.plan_phases(load_config(None, ["train.epochs=2", "train.warmup_epochs=2"]))] == [
@@ -159,6 +161,24 @@ def test_phases_follow_model_trainable_and_scale_the_learning_rate():
     assert [(p.name, p.start_epoch, p.end_epoch, p.backbone_trainable) for p in frozen] == [("frozen", 0, 4, False)]
     full = fit.plan_phases(load_config(None, ["model.trainable=full", "train.epochs=4"]))
     assert [(p.name, p.backbone_trainable) for p in full] == [("full", True)]
+
+
+def test_a_fixed_global_batch_trains_at_the_same_rate_on_any_number_of_replicas():
+    config = load_config(None, ["train.learning_rate=0.01", "train.per_replica_batch_size=16",
+                                "train.global_batch_size=64"])
+    rates = [fit.plan_phases(config, fit.resolve_global_batch(config.train, num_replicas)[0])[0].learning_rate
+             for num_replicas in (1, 2, 4)]
+    assert rates == [pytest.approx(0.04)] * 3  # 64 / the reference batch (per-replica 16), whatever the replicas
+    # Without a fixed global batch the batch, and so the rate, grows with the replicas.
+    derived = load_config(None, ["train.learning_rate=0.01", "train.per_replica_batch_size=16"])
+    assert [fit.plan_phases(derived, fit.resolve_global_batch(derived.train, n)[0])[0].learning_rate
+            for n in (1, 2)] == [pytest.approx(0.01), pytest.approx(0.02)]
+    # A rate tuned for a global batch of 64 is used as is at 64, halved at 32.
+    tuned = load_config(None, ["train.learning_rate=0.01", "train.reference_batch_size=64"])
+    assert fit.plan_phases(tuned, 64)[0].learning_rate == pytest.approx(0.01)
+    assert fit.plan_phases(tuned, 32)[0].learning_rate == pytest.approx(0.005)
+    with pytest.raises(ConfigError, match="train.reference_batch_size"):
+        load_config(None, ["train.reference_batch_size=-1"])
 
 
 def test_global_batch_is_per_replica_times_replicas_or_an_even_split():
@@ -287,6 +307,15 @@ def test_stop_after_one_epoch_then_resume_across_the_warmup_switch(data_root: st
     with pytest.raises(BadInputError, match=r"already finished with a different config \(changed: "
                                             r"train\.learning_rate;"):
         fit.run(tiny_config(data_root, "resume", "train.learning_rate=0.01"))
+
+
+def test_a_run_stopped_and_resumed_ends_with_the_weights_of_an_uninterrupted_one(data_root: str):
+    """The resumed epoch draws the data and augmentation the uninterrupted run's did (not epoch 0's again)."""
+    one_phase = ("model.trainable=full", "train.warmup_epochs=0", "train.epochs=2", "model.dropout=0")
+    whole = fit.run(tiny_config(data_root, "whole", *one_phase))
+    assert fit.run(tiny_config(data_root, "split", "train.max_epochs_this_process=1", *one_phase)) is None
+    resumed = fit.run(tiny_config(data_root, "split", *one_phase))
+    assert resumed["weights_sha256"] == whole["weights_sha256"]
 
 
 def test_backup_every_n_steps_resumes_inside_the_epoch(tmp_path: Path):

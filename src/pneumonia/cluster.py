@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pneumonia.config import ClusterConfig
-from pneumonia.errors import BadInputError
+from pneumonia.errors import BadInputError, ConfigError
 from pneumonia.logs import get_logger
 
 log = get_logger(__name__)
@@ -126,12 +126,11 @@ def num_workers() -> int:
     return cluster_spec().num_workers
 
 
-def configure_from_indexed_job(config: ClusterConfig, *, resolve: Callable[[str], Any] | None = None,
-                               poll_s: float = 2.0) -> ClusterSpec:
-    """Inside an Indexed Job with several workers and no TF_CONFIG: builds TF_CONFIG and waits for peers.
+def planned_spec(config: ClusterConfig) -> ClusterSpec:
+    """The cluster make_strategy will form (TF_CONFIG's, else the Indexed Job's), without joining it.
 
-    Sets TF_CONFIG in this process's environment (TensorFlow's cluster resolver reads it there) and
-    returns the resulting spec. Outside an Indexed Job, or with TF_CONFIG already set, changes nothing.
+    Reads only the environment and the config, so a stage can check its settings against the
+    cluster before waiting for peers.
     """
     index = completion_index()
     if os.environ.get(_TF_CONFIG) or index is None or config.num_workers <= 1:
@@ -139,11 +138,25 @@ def configure_from_indexed_job(config: ClusterConfig, *, resolve: Callable[[str]
     if index >= config.num_workers:
         raise BadInputError(f"JOB_COMPLETION_INDEX={index} but cluster.num_workers={config.num_workers}; "
                             "the Job's completions must equal cluster.num_workers")
-    built = build_tf_config(index, config.num_workers, config.train_job_name, config.train_service_name,
-                            config.worker_port)
+    return ClusterSpec.from_tf_config(build_tf_config(index, config.num_workers, config.train_job_name,
+                                                      config.train_service_name, config.worker_port))
+
+
+def configure_from_indexed_job(config: ClusterConfig, *, resolve: Callable[[str], Any] | None = None,
+                               poll_s: float = 2.0) -> ClusterSpec:
+    """Inside an Indexed Job with several workers and no TF_CONFIG: builds TF_CONFIG and waits for peers.
+
+    Sets TF_CONFIG in this process's environment (TensorFlow's cluster resolver reads it there) and
+    returns the resulting spec. Outside an Indexed Job, or with TF_CONFIG already set, changes nothing.
+    """
+    if os.environ.get(_TF_CONFIG):
+        return cluster_spec()
+    spec = planned_spec(config)
+    if not spec.is_multi_worker:
+        return spec
+    built = {"cluster": {"worker": list(spec.workers)}, "task": {"type": "worker", "index": spec.task_index}}
     os.environ[_TF_CONFIG] = json.dumps(built)
-    spec = ClusterSpec.from_tf_config(built)
-    log.info("built TF_CONFIG from the Indexed Job", index=index, workers=list(spec.workers))
+    log.info("built TF_CONFIG from the Indexed Job", index=spec.task_index, workers=list(spec.workers))
     wait_for_peers(spec.hosts, config.peer_wait_timeout_s, resolve=resolve, poll_s=poll_s)
     return spec
 
@@ -186,6 +199,34 @@ def num_gpus() -> int:
     return len(tf.config.list_physical_devices("GPU"))
 
 
+def communication(gpus: int) -> str:
+    """The collective implementation of MultiWorkerMirroredStrategy here: NCCL on GPUs, RING on CPU."""
+    return "NCCL" if gpus else "RING"
+
+
+def check_xla(xla: bool | None, spec: ClusterSpec, gpus: int) -> None:
+    """Refuses model.xla=true where XLA cannot compile the train step; call it before make_strategy.
+
+    tf_keras' jit_compile compiles the whole train step, the gradient all-reduce included, and XLA
+    compiles only NCCL collectives: several workers on CPU (RING) fail at their first step with
+    "Only compiling NCCL/auto collective is supported, got: ring". Refused here, from TF_CONFIG and
+    the config alone, so neither worker waits for a peer, joins the cluster or reads an input first.
+    NCCL (GPU workers, or several local GPUs) is what XLA compiles, but no test here has run it:
+    allowed when forced, with a warning; the default (model.xla unset) keeps XLA to one replica.
+    """
+    if not xla:
+        return
+    if spec.is_multi_worker and communication(gpus) == "RING":
+        raise ConfigError(f"config key model.xla = True is invalid with {spec.num_workers} workers on CPU: XLA "
+                          "compiles the train step with its all-reduce and cannot compile the RING collectives "
+                          "CPU workers use (it fails at the first step); set model.xla=false or leave it unset "
+                          "(XLA on only for one replica on a GPU)")
+    if spec.is_multi_worker or gpus > 1:
+        log.warning("model.xla forced on with several replicas: XLA then compiles the NCCL all-reduce too, which "
+                    "no test here has run; if the first step fails, set model.xla=false", key="model.xla",
+                    num_workers=spec.num_workers, num_gpus=gpus)
+
+
 def make_strategy(config: ClusterConfig) -> tuple[Any, ClusterSpec]:
     """The strategy for this process, and the cluster it belongs to.
 
@@ -198,8 +239,9 @@ def make_strategy(config: ClusterConfig) -> tuple[Any, ClusterSpec]:
     spec = configure_from_indexed_job(config)
     gpus = num_gpus()
     if spec.is_multi_worker:
-        implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL if gpus
-                          else tf.distribute.experimental.CommunicationImplementation.RING)
+        name = communication(gpus)
+        log.info("forming the cluster", num_workers=spec.num_workers, task_index=spec.task_index, communication=name)
+        implementation = tf.distribute.experimental.CommunicationImplementation[name]
         options = tf.distribute.experimental.CommunicationOptions(implementation=implementation)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
         log.info("strategy", strategy="MultiWorkerMirroredStrategy", communication=implementation.name,

@@ -170,7 +170,10 @@ class TrainConfig:
     global_batch_size: int = 0  # 0: derived; if set it must divide evenly by the replicas
     learning_rate: float = 1e-3
     fine_tune_learning_rate: float = 1e-4
+    # The rates above are the rates for a global batch of reference_batch_size (0: the per-replica
+    # batch, i.e. one replica); scale_learning_rate multiplies them by global batch / that.
     scale_learning_rate: bool = True
+    reference_batch_size: int = 0
     class_weights: bool = True
     augment: bool = True
     shuffle_buffer: int = 2048
@@ -185,6 +188,8 @@ class TrainConfig:
                  f"between 0 and train.epochs ({self.epochs})")
         _require(self.per_replica_batch_size >= 1, "train.per_replica_batch_size", self.per_replica_batch_size, ">= 1")
         _require(self.global_batch_size >= 0, "train.global_batch_size", self.global_batch_size, ">= 0")
+        _require(self.reference_batch_size >= 0, "train.reference_batch_size", self.reference_batch_size,
+                 ">= 0 (0: train.per_replica_batch_size)")
         _require(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "> 0")
         _require(self.fine_tune_learning_rate > 0, "train.fine_tune_learning_rate", self.fine_tune_learning_rate, "> 0")
         _require(self.shuffle_buffer >= 1, "train.shuffle_buffer", self.shuffle_buffer, ">= 1")

@@ -34,18 +34,23 @@ FETCH_WEIGHTS_HINT = (
 )
 
 
-def configure_precision(model_config: ModelConfig, has_gpu: bool) -> bool:
+def configure_precision(model_config: ModelConfig, has_gpu: bool, num_replicas: int = 1) -> bool:
     """Sets the global Keras dtype policy and returns whether to compile with XLA (`jit_compile`).
 
-    Call it before `build_model`. `model.mixed_precision` / `model.xla` = None means "on iff a GPU is
-    present": float16 matmuls and XLA fusion pay off on GPUs and only slow a CPU down.
+    Call it before `build_model`. `model.mixed_precision` = None means "on iff a GPU is present":
+    float16 matmuls pay off on GPUs and only slow a CPU down. `model.xla` = None means "on for one
+    replica on a GPU", the one setting known to work: tf_keras compiles the whole train step, and
+    with several replicas that includes the gradient all-reduce, which XLA cannot compile on CPU
+    (RING) and which no test here has run over NCCL. Forcing it on is checked before the cluster
+    forms (cluster.check_xla).
     """
     mixed = has_gpu if model_config.mixed_precision is None else model_config.mixed_precision
-    xla = has_gpu if model_config.xla is None else model_config.xla
+    xla = (has_gpu and num_replicas == 1) if model_config.xla is None else model_config.xla
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
     if mixed and not has_gpu:
         log.warning("mixed precision forced on without a GPU; expect it to be slower", key="model.mixed_precision")
-    log.info("precision", policy=keras.mixed_precision.global_policy().name, xla=xla, has_gpu=has_gpu)
+    log.info("precision", policy=keras.mixed_precision.global_policy().name, xla=xla, has_gpu=has_gpu,
+             num_replicas=num_replicas)
     return xla
 
 

@@ -36,6 +36,7 @@ from pneumonia.training.callbacks import (
     ResumableBackup,
     weights_sha256,
 )
+from pneumonia.training.input_position import InputPosition, start_step_variable
 
 log = get_logger(__name__)
 
@@ -58,10 +59,25 @@ class Phase:
     learning_rate: float
 
 
-def plan_phases(config: PipelineConfig, num_replicas: int = 1) -> list[Phase]:
-    """warmup: head only for train.warmup_epochs, then everything at the fine-tune rate; else one phase."""
+def learning_rate_scale(train: TrainConfig, global_batch: int) -> float:
+    """The linear scaling rule: global batch / the batch the rates were set for.
+
+    The rates are set for a global batch of train.reference_batch_size (0: the per-replica batch,
+    the batch of one replica). The global batch, not the replica count, is what changes the
+    gradient noise: a fixed train.global_batch_size trains at the same rate on 1 or 4 workers.
+    """
+    if not train.scale_learning_rate:
+        return 1.0
+    return global_batch / (train.reference_batch_size or train.per_replica_batch_size)
+
+
+def plan_phases(config: PipelineConfig, global_batch: int | None = None) -> list[Phase]:
+    """warmup: head only for train.warmup_epochs, then everything at the fine-tune rate; else one phase.
+
+    The rates are scaled for `global_batch` (learning_rate_scale); None: unscaled.
+    """
     train = config.train
-    scale = num_replicas if train.scale_learning_rate else 1
+    scale = learning_rate_scale(train, global_batch) if global_batch else 1.0
     lr, fine_lr = train.learning_rate * scale, train.fine_tune_learning_rate * scale
     if config.model.trainable == "frozen":
         return [Phase("frozen", 0, train.epochs, False, lr)]
@@ -191,20 +207,23 @@ def run(config: PipelineConfig) -> dict[str, Any] | None:
     finished = _already_finished(layout, config)
     if finished is not None:
         return finished
+    # Config checks and the (possibly hours-long) wait for the upstream stages also come before the
+    # cluster forms: a slow scale-up or a preempted peer during that wait must not spend retries.
+    _check_resume_config(layout, config)
+    cluster.check_xla(config.model.xla, cluster.planned_spec(config.cluster), cluster.num_gpus())
+    marker, manifest_bytes = wait_for_current_inputs(layout, config)
     # The strategy comes before any TensorFlow op: collectives must be configured at start-up.
     strategy, spec = cluster.make_strategy(config.cluster)
-    _check_resume_config(layout, config)
 
     size_dir = config.shard.size_dir
     processed_dir = layout.processed(size_dir)
-    marker, manifest_bytes = wait_for_current_inputs(layout, config)
     manifest = json.loads(manifest_bytes)
 
     num_replicas = strategy.num_replicas_in_sync
     global_batch, per_replica_batch = resolve_global_batch(config.train, num_replicas)
     steps = pipeline.steps_per_epoch(marker, "train", global_batch)
     pipeline.num_records(marker, "val")  # fails early (exit 2) when there is nothing to validate on
-    phases = plan_phases(config, num_replicas)
+    phases = plan_phases(config, global_batch)
     image = marker["image"]
     input_shape = (int(image["height"]), int(image["width"]), int(image["channels"]))
     weights = class_weight_vector(manifest) if config.train.class_weights else None
@@ -231,8 +250,10 @@ def run(config: PipelineConfig) -> dict[str, Any] | None:
 
     # Same seed, same initial weights on every worker and in every rerun of a config.
     keras.utils.set_random_seed(config.train.seed)
-    use_xla = zoo.configure_precision(config.model, has_gpu=cluster.num_gpus() > 0)
-    train_data = pipeline.distributed_dataset(strategy, processed_dir, "train", global_batch, True, config)
+    use_xla = zoo.configure_precision(config.model, has_gpu=cluster.num_gpus() > 0, num_replicas=num_replicas)
+    start_step = start_step_variable()
+    train_data = pipeline.distributed_dataset(strategy, processed_dir, "train", global_batch, True, config,
+                                              start_step=start_step)
     val_data = validation_dataset(processed_dir, global_batch, config)
     with strategy.scope():
         model = zoo.build_model(config.model, input_shape, num_classes=len(CLASS_NAMES))
@@ -252,7 +273,9 @@ def run(config: PipelineConfig) -> dict[str, Any] | None:
             backups.append(backup)
             # Best weights, then the history, then the backup: a crash between two of them redoes
             # the epoch, and the history never records a best score whose weights were not saved.
-            callbacks: list[keras.callbacks.Callback] = [best, history, backup, limit]
+            # The input's start follows the backup's restore: a resumed epoch draws what it drew before.
+            callbacks: list[keras.callbacks.Callback] = [best, history, backup,
+                                                         InputPosition(start_step, phase.start_epoch), limit]
             if spec.is_chief:
                 callbacks.append(keras.callbacks.TensorBoard(layout.tensorboard(run_id), write_graph=False,
                                                              profile_batch=0))
