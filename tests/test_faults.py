@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tf_keras as keras
 import yaml
 from indexed_job import IndexedJob, Pod, policy_action
 from test_multiworker import backed_up_epoch, read_json
 from test_train import PYTHON, REPO, copy_shards, job_args, subprocess_env, tiny_shards  # noqa: F401
 
 from pneumonia.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_PEER_LOST, EXIT_PREEMPTED
+from pneumonia.training.callbacks import PreemptionWatch, ResumableBackup
 
 TRAIN_JOB = yaml.safe_load((REPO / "manifests" / "31-train-job.yaml").read_text())
 RULES = TRAIN_JOB["spec"]["podFailurePolicy"]["rules"]
@@ -56,6 +59,45 @@ def test_policy_evaluation_follows_the_api_rules() -> None:
     assert policy_action(rules, {"train": 1}, {"DisruptionTarget": "True"}) == ("Ignore", 3)
     assert policy_action(rules, {"train": 75}, {}) == ("Count", None)  # no rule: counted
     assert policy_action(rules, {"train": 0, "sidecar": 0}, {}) == ("Count", None)  # exit 0 never matches
+
+
+# --- when the workers agree on a stop ----------------------------------------------------------------
+
+
+def fit_with_stop_request(backup_dir: Path, request_at: tuple[int, int] | None) -> tuple[list, ResumableBackup]:
+    """Fits 3 epochs of 8 steps, agreeing every 3 steps; SIGTERM's flag is set before step `request_at`.
+    Returns the (epoch, step) pairs run and the backup callback."""
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    y = np.eye(3, dtype=np.float32)[np.arange(64) % 3]
+    watch = PreemptionWatch()
+    steps: list[tuple[int, int]] = []
+
+    class Steps(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):  # noqa: ANN001
+            self.epoch = epoch
+
+        def on_train_batch_begin(self, batch, logs=None):  # noqa: ANN001
+            if (self.epoch, batch) == request_at:
+                watch.request()
+            steps.append((self.epoch, batch))
+
+    model = keras.Sequential([keras.layers.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile(keras.optimizers.Adam(0.01), "categorical_crossentropy")
+    backup = ResumableBackup(str(backup_dir), watch, check_every_n_steps=3)
+    model.fit(x, y, batch_size=8, epochs=3, callbacks=[Steps(), backup], verbose=0)
+    return steps, backup
+
+
+def test_a_stop_is_agreed_every_n_steps_and_at_the_epochs_end(tmp_path: Path) -> None:
+    # Asked before step 0 of epoch 0: the next agreement is after step 2; the backup resumes at step 3.
+    steps, backup = fit_with_stop_request(tmp_path / "mid", (0, 0))
+    assert steps[-1] == (0, 2) and backup.preempted and backup.cut_short
+    assert fit_with_stop_request(tmp_path / "mid", None)[0][0] == (0, 3)
+    # Asked at step 6 of epoch 1: the next agreement is the epoch's last step (7), so the epoch ends
+    # whole (validation, history, best weights) and the resume starts the next one.
+    steps, backup = fit_with_stop_request(tmp_path / "end", (1, 6))
+    assert steps[-1] == (1, 7) and backup.preempted and not backup.cut_short
+    assert fit_with_stop_request(tmp_path / "end", None)[0][0] == (2, 0)
 
 
 # --- faults on two real workers ---------------------------------------------------------------------
