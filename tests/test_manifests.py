@@ -15,7 +15,7 @@ import yaml
 
 from pneumonia import cluster
 from pneumonia.config import PipelineConfig, load_config
-from pneumonia.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, ConfigError
+from pneumonia.errors import EXIT_BAD_INPUT, EXIT_PEER_LOST, EXIT_PREEMPTED, ConfigError
 from pneumonia.k8s import manifests as mf
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -191,8 +191,23 @@ def test_pod_failure_policy_ignores_disruptions_and_143_fails_on_2(objects: list
                 assert condition["status"] in POD_CONDITION_STATUSES, stage
         summary = [(r["action"], r.get("onExitCodes", {}).get("values"),
                     [c["type"] for c in r.get("onPodConditions", [])]) for r in rules]
-        assert summary == [("Ignore", None, ["DisruptionTarget"]), ("Ignore", [EXIT_PREEMPTED], []),
+        # Only training workers depend on peers: the train Job alone ignores "peer lost".
+        peer_lost = [("Ignore", [EXIT_PEER_LOST], [])] if stage == "train" else []
+        assert summary == [("Ignore", None, ["DisruptionTarget"]), ("Ignore", [EXIT_PREEMPTED], []), *peer_lost,
                            ("FailJob", [EXIT_BAD_INPUT], [])], stage
+
+
+def test_the_train_job_ignores_exactly_the_peer_lost_exit_code_of_its_own_container(objects: list[dict]) -> None:
+    """The manifest's number is errors.EXIT_PEER_LOST, on the train container, and no other stage ignores it."""
+    for stage, job in jobs_of(objects).items():
+        ignored = [rule["onExitCodes"] for rule in job["spec"]["podFailurePolicy"]["rules"]
+                   if rule["action"] == "Ignore" and EXIT_PEER_LOST in rule.get("onExitCodes", {}).get("values", [])]
+        if stage != "train":
+            assert ignored == [], stage
+            continue
+        container_names = [container["name"] for container in mf.containers(job)]
+        assert ignored == [{"containerName": "train", "operator": "In", "values": [EXIT_PEER_LOST]}]
+        assert container_names == ["train"]
 
 
 def test_pods_get_time_to_stop_cleanly_on_sigterm(objects: list[dict]) -> None:

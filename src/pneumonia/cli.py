@@ -14,7 +14,16 @@ from collections.abc import Callable, Sequence
 
 from pneumonia import cluster
 from pneumonia.config import PipelineConfig, load_config
-from pneumonia.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, BadInputError, ConfigError
+from pneumonia.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_PEER_LOST,
+    EXIT_PREEMPTED,
+    BadInputError,
+    ConfigError,
+    PeerLostError,
+)
 from pneumonia.logs import configure_logging, get_logger
 
 
@@ -73,6 +82,9 @@ def run_stage(stage: str, body: Callable[[PipelineConfig], object], argv: Sequen
     except Terminated:
         log.warning("terminated (SIGTERM): stopping; a rerun resumes", exit_code=EXIT_PREEMPTED)
         return EXIT_PREEMPTED
+    except PeerLostError as error:
+        log.warning("peer lost: stopping for a restart", error=str(error), exit_code=EXIT_PEER_LOST)
+        return EXIT_PEER_LOST
     except KeyboardInterrupt:
         log.error("interrupted")
         return EXIT_FAILURE

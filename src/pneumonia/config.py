@@ -178,6 +178,10 @@ class TrainConfig:
     augment: bool = True
     shuffle_buffer: int = 2048
     backup_every_n_steps: int = 0  # 0: back up at the end of every epoch only
+    # Workers agree whether one got SIGTERM every N steps (and at each epoch's end): an all-reduce
+    # and a wait for the step, so not every step. A stop comes within N steps: keep N steps well
+    # inside the pod's terminationGracePeriodSeconds.
+    preemption_check_every_n_steps: int = 20
     seed: int = 42
     # Stop after this many whole epochs in this process (tests use it to simulate a crash point).
     max_epochs_this_process: int = setting(0, resume=FREE)
@@ -194,6 +198,8 @@ class TrainConfig:
         _require(self.fine_tune_learning_rate > 0, "train.fine_tune_learning_rate", self.fine_tune_learning_rate, "> 0")
         _require(self.shuffle_buffer >= 1, "train.shuffle_buffer", self.shuffle_buffer, ">= 1")
         _require(self.backup_every_n_steps >= 0, "train.backup_every_n_steps", self.backup_every_n_steps, ">= 0")
+        _require(self.preemption_check_every_n_steps >= 1, "train.preemption_check_every_n_steps",
+                 self.preemption_check_every_n_steps, ">= 1")
         _require(self.max_epochs_this_process >= 0, "train.max_epochs_this_process",
                  self.max_epochs_this_process, ">= 0")
         if self.run_id:

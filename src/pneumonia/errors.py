@@ -21,3 +21,15 @@ class UpstreamMissingError(BadInputError):
 # SIGTERM (preemption, node drain) after the backup is saved: the Jobs' podFailurePolicy ignores
 # this code, so the pod is replaced without spending backoffLimit and training resumes from backup.
 EXIT_PREEMPTED = 143
+
+# A training worker stopped because a PEER is gone (crashed, preempted, its node lost): its
+# collectives failed through no fault of its own. The train Job's podFailurePolicy ignores this
+# code, so only the pod that failed spends a retry; activeDeadlineSeconds still bounds the Job.
+# 75 is EX_TEMPFAIL in sysexits.h: "temporary failure, try again".
+EXIT_PEER_LOST = 75
+
+
+class PeerLostError(Exception):
+    """Another worker of the cluster died or stopped answering; this worker is fine and can rejoin."""
+
+    exit_code = EXIT_PEER_LOST

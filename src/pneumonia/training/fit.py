@@ -23,11 +23,12 @@ import yaml
 from pneumonia import cluster, storage
 from pneumonia.config import CLASS_NAMES, FREE, RECORDED, PipelineConfig, TrainConfig, declared_keys
 from pneumonia.data import pipeline, upstream
-from pneumonia.errors import EXIT_PREEMPTED, BadInputError, ConfigError, UpstreamMissingError
+from pneumonia.errors import EXIT_PREEMPTED, BadInputError, ConfigError, PeerLostError, UpstreamMissingError
 from pneumonia.layout import Layout
 from pneumonia.logs import get_logger
 from pneumonia.model import zoo
 from pneumonia.model.metrics import build_metrics
+from pneumonia.training import peers
 from pneumonia.training.callbacks import (
     BestWeights,
     EpochLimit,
@@ -269,7 +270,7 @@ def run(config: PipelineConfig) -> dict[str, Any] | None:
     try:
         for phase in phases:
             backup = ResumableBackup(storage.join(layout.backup(run_id), phase.name), watch,
-                                     config.train.backup_every_n_steps)
+                                     config.train.backup_every_n_steps, config.train.preemption_check_every_n_steps)
             backups.append(backup)
             # Best weights, then the history, then the backup: a crash between two of them redoes
             # the epoch, and the history never records a best score whose weights were not saved.
@@ -299,9 +300,21 @@ def run(config: PipelineConfig) -> dict[str, Any] | None:
                          epochs_run=limit.epochs_run)
                 return None
         return _finish(model, config, layout, spec, history, best)
+    except tf.errors.OpError as error:
+        if spec.is_multi_worker and peers.is_peer_lost(error, spec.task_type, spec.task_index):
+            # Not this worker's fault: exit with the code the train Job does not count, so only
+            # the pod that failed spends a retry; the restart resumes from the backup.
+            raise PeerLostError(f"a peer worker is gone ({type(error).__name__}: {_first_line(error)}); "
+                                "this worker stops so the Job can restart the cluster") from error
+        raise
     finally:
         watch.uninstall()
         best.close()
+
+
+def _first_line(error: tf.errors.OpError) -> str:
+    lines = [line.strip() for line in str(error.message).splitlines() if line.strip()]
+    return " ".join(lines[:3])[:300]
 
 
 def _finish(model: keras.Model, config: PipelineConfig, layout: Layout, spec: cluster.ClusterSpec,
