@@ -7,8 +7,8 @@ google-cloud-storage in `FaultForwarder`, a small http forwarder between it and 
 Several processes (the proxy, the forwarder, each one serving requests on its own threads) share
 one plan, so the plan and the record of what was injected live in files, not in memory:
 
-* the plan, `<faults dir>/plan.json`: {"seed": 7, "rate": 0.03, "kinds": {"503": 1, "429": 1, "reset": 1}};
-  absent = no faults. Re-read when it changes, so a test turns faults on and off while servers run.
+* the plan, `<faults dir>/plan.json`: {"seed": 7, "rate": 0.03, "kinds": {"503": 1, "429": 1, "reset": 1},
+  "only": "PUT /upload/"} ("only", optional: a text the request's "METHOD path" must contain); absent = no faults. Re-read when it changes, so a test turns faults on and off while servers run.
 * the record, `<faults dir>/injected.log`: one line per fault, "<kind> <where> <method> <path>",
   appended (O_APPEND: whole lines even from several processes).
 
@@ -75,6 +75,8 @@ class FaultPlan:
             if not plan or plan.get("rate", 0) <= 0:
                 return None
             key = f"{method} {path}"
+            if plan.get("only") and plan["only"] not in key:
+                return None
             self._seen[key] += 1
             occurrence = self._seen[key]
         digest = hashlib.sha256(f"{plan['seed']}|{key}|{occurrence}".encode()).digest()
