@@ -257,12 +257,13 @@ class GcsEmulator:
         self.processes.clear()
 
     @contextlib.contextmanager
-    def faults(self, seed: int, rate: float, kinds: dict[str, float] | None = None,
-               only: str = "") -> Iterator[Counter[str]]:
+    def faults(self, seed: int, rate: float, kinds: dict[str, float] | None = None, only: str = "",
+               rates: dict[str, float] | None = None) -> Iterator[Counter[str]]:
         """Injects seeded faults into both clients' requests while open; yields their running count.
 
         `rate`: the fraction of requests that fail; `kinds`: relative weights of "503", "429" and
-        "reset" (default equal); `only`: fail only requests whose "METHOD path" contains it. The yielded Counter ("<kind> <client>" -> n) is refreshed when the
+        "reset" (default equal); `only`: fail only requests whose "METHOD path" contains it; `rates`: a
+        client's own rate ("tensorflow", "google-cloud-storage"), e.g. for one that sends few requests. The yielded Counter ("<kind> <client>" -> n) is refreshed when the
         block ends; call `injected()` for the count so far.
         """
         from gcs_faults import KINDS, PLAN_NAME
@@ -271,7 +272,8 @@ class GcsEmulator:
         before = self.injected()
         plan = self.faults_dir / PLAN_NAME
         temp = plan.with_suffix(".tmp")
-        temp.write_text(json.dumps({"seed": seed, "rate": rate, "kinds": weights, "only": only}))
+        temp.write_text(json.dumps({"seed": seed, "rate": rate, "kinds": weights, "only": only,
+                                    "rates": rates or {}}))
         temp.rename(plan)  # the servers see the whole plan or none
         counts: Counter[str] = Counter()
         try:

@@ -8,8 +8,9 @@ Several processes (the proxy, the forwarder, each one serving requests on its ow
 one plan, so the plan and the record of what was injected live in files, not in memory:
 
 * the plan, `<faults dir>/plan.json`: {"seed": 7, "rate": 0.03, "kinds": {"503": 1, "429": 1, "reset": 1},
-  "only": "PUT /upload/"} ("only", optional: a text the request's "METHOD path" must contain); absent = no faults. Re-read when it changes, so a test turns faults on and off while servers run.
-* the record, `<faults dir>/injected.log`: one line per fault, "<kind> <where> <method> <path>",
+  "rates": {"google-cloud-storage": 0.2}, "only": "PUT /upload/"} ("rates", optional: a client's own rate;
+  "only", optional: a text the request's "METHOD path" must contain); absent = no faults. Re-read when it changes, so a test turns faults on and off while servers run.
+* the record, `<faults dir>/injected.log`: one line per fault, "<kind> <client> <method> <path>",
   appended (O_APPEND: whole lines even from several processes).
 
 Which request fails is a keyed hash of (seed, method, path, how often this process has seen that
@@ -43,8 +44,9 @@ RESPONSE_BODY = b'{"error": {"code": %s, "message": "injected by the test fixtur
 class FaultPlan:
     """The plan file of one faults folder, read again whenever it changes; decides per request."""
 
-    def __init__(self, folder: str | os.PathLike[str] | None) -> None:
+    def __init__(self, folder: str | os.PathLike[str] | None, client: str) -> None:
         self.folder = Path(folder) if folder else None
+        self.client = client  # "tensorflow" or "google-cloud-storage": whose requests this process serves
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
         self._plan: dict | None = None
@@ -72,7 +74,8 @@ class FaultPlan:
         """The fault kind for this request ("503", "429", "reset"), or None to serve it."""
         with self._lock:
             plan = self._current()
-            if not plan or plan.get("rate", 0) <= 0:
+            rate = (plan or {}).get("rates", {}).get(self.client, (plan or {}).get("rate", 0))
+            if rate <= 0:
                 return None
             key = f"{method} {path}"
             if plan.get("only") and plan["only"] not in key:
@@ -81,7 +84,7 @@ class FaultPlan:
             occurrence = self._seen[key]
         digest = hashlib.sha256(f"{plan['seed']}|{key}|{occurrence}".encode()).digest()
         draw, pick = struct.unpack(">QQ", digest[:16])
-        if draw / 2**64 >= plan["rate"]:
+        if draw / 2**64 >= rate:
             return None
         weights = [(kind, float(plan.get("kinds", {}).get(kind, 0))) for kind in KINDS]
         total = sum(weight for _, weight in weights)
@@ -94,8 +97,8 @@ class FaultPlan:
                 return kind
         return weights[-1][0]
 
-    def record(self, kind: str, where: str, method: str, path: str) -> None:
-        line = f"{kind} {where} {method} {path.split('?')[0]}\n".encode()
+    def record(self, kind: str, method: str, path: str) -> None:
+        line = f"{kind} {self.client} {method} {path.split('?')[0]}\n".encode()
         fd = os.open(self.folder / LOG_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line)
@@ -121,7 +124,7 @@ def reset(sock: socket.socket) -> None:
 
 
 def read_injected(folder: str | os.PathLike[str]) -> collections.Counter[str]:
-    """Faults injected so far, by "<kind> <where>" (where: tensorflow or google-cloud-storage)."""
+    """Faults injected so far, by "<kind> <client>" (tensorflow or google-cloud-storage)."""
     try:
         lines = (Path(folder) / LOG_NAME).read_text().splitlines()
     except FileNotFoundError:
@@ -147,7 +150,7 @@ class _ForwardingHandler(http.server.BaseHTTPRequestHandler):
         body = self._read_body()
         kind = self.server.plan.decide(self.command, self.path)
         if kind is not None:
-            self.server.plan.record(kind, "google-cloud-storage", self.command, self.path)
+            self.server.plan.record(kind, self.command, self.path)
             if kind == "reset":
                 self.close_connection = True
                 reset(self.connection)
@@ -202,7 +205,7 @@ class FaultForwarder(http.server.ThreadingHTTPServer):
         self.upstream = (parsed.hostname, parsed.port)
         self.upstream_url = upstream.rstrip("/")
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
-        self.plan = FaultPlan(faults_dir)
+        self.plan = FaultPlan(faults_dir, "google-cloud-storage")
 
 
 def main(argv: list[str]) -> None:

@@ -32,7 +32,7 @@ UPSTREAM_ENV = "GCS_EMULATOR_UPSTREAM"
 # The leaf certificate (SANs: both GCS hosts, localhost, 127.0.0.1) lives in --ca-cert-dir.
 LEAF_CERT_NAME = "leaf.pem"
 # Seeded 503/429/resets for TF's requests when the test turns them on (gcs_faults.py); one per process.
-_FAULTS = FaultPlan(os.environ.get(FAULTS_DIR_ENV))
+_FAULTS = FaultPlan(os.environ.get(FAULTS_DIR_ENV), "tensorflow")
 
 
 def _upstream() -> tuple[bytes, int]:
@@ -74,7 +74,7 @@ class GcsRoute(HttpProxyBasePlugin):
         kind = _FAULTS.decide(method, path)
         if kind is None:
             return
-        _FAULTS.record(kind, "tensorflow", method, path)
+        _FAULTS.record(kind, method, path)
         if kind == "reset":
             # The request never reaches the emulator; the client's TLS connection ends in a RST.
             with contextlib.suppress(OSError):

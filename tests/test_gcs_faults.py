@@ -48,7 +48,7 @@ def shard_checksums(processed_dir: str) -> dict[str, str]:
 def test_fault_plan_is_seeded_and_fails_about_its_rate(tmp_path: Path) -> None:
     (tmp_path / "plan.json").write_text(json.dumps({"seed": 3, "rate": 0.2, "kinds": {"503": 1, "429": 1, "reset": 1}}))
     requests = [("GET", f"/storage/v1/b/bucket/o/image-{i % 50}") for i in range(2000)]
-    plan, again = FaultPlan(tmp_path), FaultPlan(tmp_path)
+    plan, again = FaultPlan(tmp_path, "tensorflow"), FaultPlan(tmp_path, "tensorflow")
     decisions = [plan.decide(*request) for request in requests]
     assert decisions == [again.decide(*request) for request in requests]  # same seed, same faults
     counts = collections.Counter(decisions)
@@ -103,9 +103,11 @@ def test_preprocess_rewrites_images_whose_upload_a_503_left_empty(gcs_emulator, 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # four TF subprocesses at ~70 ms per gs:// request, plus the retries' backoff
 def test_whole_pipeline_on_gcs_with_faults_matches_a_fault_free_run(gcs_emulator, gcs_root: str,  # noqa: ANN001
                                                                       tmp_path: Path) -> None:
-    """preprocess -> shard -> train (1 epoch) -> evaluate on gs://, 3 % of both clients' requests failing."""
+    """preprocess -> shard -> train (1 epoch) -> evaluate on gs://, 3 % of TF's requests failing (25 % of
+    google-cloud-storage's)."""
     archive = make_demo_archive(str(tmp_path / "demo.zip"), num_images=NUM_IMAGES, seed=0)
     reference = load_config(None, [f"data.root={tmp_path / 'reference'}", f"data.archive={archive}", *PIPELINE_ARGS])
     preprocess.run(reference)  # fault-free (local: the same bytes as gs://, see test_shard_and_read_on_gcs)
@@ -113,13 +115,16 @@ def test_whole_pipeline_on_gcs_with_faults_matches_a_fault_free_run(gcs_emulator
 
     args = [f"data.root={gcs_root}", f"data.archive={gcs_root}/raw/demo.zip", "train.run_id=faults",
             *PIPELINE_ARGS]
-    started = time.monotonic()
-    with gcs_emulator.faults(seed=7, rate=0.03) as counts:
+    seconds = {}
+    # google-cloud-storage sends few requests here (the archive upload, listings, identities, the
+    # shard marker): a higher rate of its own makes it meet faults too.
+    with gcs_emulator.faults(seed=7, rate=0.03, rates={"google-cloud-storage": 0.25}) as counts:
         storage.upload_file(archive, f"{gcs_root}/raw/demo.zip")  # as the launcher does, faults included
-        for name, timeout_s in (("preprocess", 300), ("shard", 300), ("train", 420), ("evaluate", 300)):
+        for name, timeout_s in (("preprocess", 240), ("shard", 240), ("train", 300), ("evaluate", 240)):
+            started = time.monotonic()
             result = run_stage(name, args, gcs_emulator.env, timeout_s)
+            seconds[name] = round(time.monotonic() - started)
             assert result.returncode == 0, f"{name} exited {result.returncode}:\n{result.stderr[-4000:]}"
-    elapsed = time.monotonic() - started
 
     assert storage.read_bytes(f"{gcs_root}/splits/split.json") == \
         (tmp_path / "reference" / "splits" / "split.json").read_bytes()
@@ -131,6 +136,6 @@ def test_whole_pipeline_on_gcs_with_faults_matches_a_fault_free_run(gcs_emulator
     kinds = {kind: sum(n for key, n in counts.items() if key.startswith(kind)) for kind in ("503", "429", "reset")}
     clients = {client: sum(n for key, n in counts.items() if key.endswith(client))
                for client in ("tensorflow", "google-cloud-storage")}
-    print(f"\nthe pipeline survived {sum(counts.values())} injected faults in {elapsed:.0f} s: "
-          f"{dict(sorted(counts.items()))}")
+    print(f"\nthe pipeline survived {sum(counts.values())} injected faults: {dict(sorted(counts.items()))}; "
+          f"seconds per stage: {seconds}")
     assert min(kinds.values()) > 0 and min(clients.values()) > 0, counts
