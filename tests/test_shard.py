@@ -22,7 +22,7 @@ from pneumonia import storage
 from pneumonia.config import CLASS_NAMES, PipelineConfig, load_config
 from pneumonia.data import imaging, pipeline, shard, tfrecords
 from pneumonia.data.demo import encode_jpeg
-from pneumonia.errors import BadInputError, UpstreamMissingError
+from pneumonia.errors import BadInputError, StorageError, UpstreamMissingError
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE_DIR = "32x32x1"
@@ -260,11 +260,18 @@ def test_bad_inputs_name_the_file_row_or_field(tmp_path: Path) -> None:
     rows = make_interim(tmp_path, counts={"train": (2, 2, 2)})
     broken = rows[3]["path"]
     (tmp_path / broken).write_bytes(b"this is not an image")
-    with pytest.raises(BadInputError, match=f"cannot read image .*{broken}"):
+    # Not what preprocess wrote (the manifest's sha256 says so): damaged in storage, retryable.
+    with pytest.raises(StorageError, match=f"interim image .*{broken} differs from the split manifest's sha256.*"
+                                           "rerun the preprocess stage"):
         shard.run(config_for(tmp_path))
     assert not (tmp_path / "processed" / SIZE_DIR / "_SUCCESS.json").exists()
+    rows[3]["sha256"] = hashlib.sha256(b"this is not an image").hexdigest()
+    write_manifest(tmp_path, rows)
+    # What preprocess vouched for, and it does not decode: bad input.
+    with pytest.raises(BadInputError, match=f"cannot read image .*{broken}"):
+        shard.run(config_for(tmp_path))
     (tmp_path / broken).unlink()
-    with pytest.raises(BadInputError, match=broken):
+    with pytest.raises(StorageError, match=f"{broken} is missing"):
         shard.run(config_for(tmp_path))
     rows[1]["label"] = 2  # class says otherwise
     write_manifest(tmp_path, rows)
@@ -288,9 +295,9 @@ def test_corrupted_shard_is_detected_by_checksum(sharded: tuple[Path, list[dict]
     else:
         del data[-100:]
     victim.write_bytes(bytes(data))
-    with pytest.raises(BadInputError, match=f"shard .*{victim.name} .*(sha256|truncated)"):
+    with pytest.raises(StorageError, match=f"shard .*{victim.name} .*(sha256|truncated).*rerun the shard stage"):
         shard.run(config_for(root))
-    with pytest.raises(BadInputError, match=victim.name):
+    with pytest.raises(StorageError, match=victim.name):
         pipeline.verify_shards(str(root / "processed" / SIZE_DIR))
 
 
@@ -326,8 +333,8 @@ def test_job_exit_codes_and_parallel_workers_match_one(sharded: tuple[Path, list
     victim = out_dir / "train-00002-of-00003.tfrecord"
     victim.write_bytes(victim.read_bytes()[:-10])
     corrupted = run_job(*[f"--set={o}" for o in overrides(root)])
-    assert corrupted.returncode == 2
-    assert victim.name in corrupted.stderr
+    assert corrupted.returncode == 1  # damaged in storage: retryable, never bad input
+    assert victim.name in corrupted.stderr and "rerun the shard stage" in corrupted.stderr
 
 
 # ------------------------------------------------------------------------------------ gs://

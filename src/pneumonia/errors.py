@@ -18,6 +18,16 @@ class ConfigError(BadInputError):
 class UpstreamMissingError(BadInputError):
     """A stage's input marker (_SUCCESS.json) is missing after the allowed wait."""
 
+
+class StorageError(Exception):
+    """Storage kept failing, or holds other bytes than were written: retryable (exit 1), never bad input.
+
+    GCS answers 503/429 and resets connections every so often; an object that is missing or differs
+    from its manifest's checksum was damaged on the way, not made wrong by the user.
+    """
+
+    exit_code = EXIT_FAILURE
+
 # SIGTERM (preemption, node drain) after the backup is saved: the Jobs' podFailurePolicy ignores
 # this code, so the pod is replaced without spending backoffLimit and training resumes from backup.
 EXIT_PREEMPTED = 143

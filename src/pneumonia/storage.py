@@ -15,18 +15,20 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import tensorflow as tf
 
-from pneumonia.errors import UpstreamMissingError
+from pneumonia.errors import StorageError, UpstreamMissingError
 from pneumonia.logs import get_logger
 
 log = get_logger(__name__)
 
 GCS_SCHEME = "gs://"
 _CHUNK = 8 * 1024 * 1024
+# Writes of a file whose stored bytes differ from what was written, before giving up (StorageError).
+WRITE_ATTEMPTS = 3
 
 
 def is_gcs(path: str) -> bool:
@@ -130,10 +132,22 @@ def atomic_path(path: str) -> Iterator[str]:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    """Atomic write: temp name, then move."""
-    with atomic_path(path) as temp:
-        with tf.io.gfile.GFile(temp, "wb") as handle:
-            handle.write(data)
+    """Atomic write: temp name, then move; then read back, and rewritten (bounded) if the bytes differ.
+
+    A GCS upload that met a 503 can end as a complete but empty object without any error reaching
+    the writer; markers and manifests are small, so checking each costs one read.
+    """
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        with atomic_path(path) as temp:
+            with tf.io.gfile.GFile(temp, "wb") as handle:
+                handle.write(data)
+        stored = read_bytes(path)
+        if stored == data:
+            return
+        log.warning("stored file differs from what was written; rewriting it", path=path, attempt=attempt,
+                    bytes_written=len(data), bytes_stored=len(stored))
+    raise StorageError(f"{path} still differs from what was written after {WRITE_ATTEMPTS} writes "
+                       f"({len(data)} bytes written, {len(stored)} stored); the storage is failing: retry later")
 
 
 def write_text(path: str, text: str) -> None:
@@ -183,6 +197,49 @@ def create_if_absent(path: str, data: bytes) -> bool:
         return False
     finally:
         os.remove(temp)
+
+
+def crc32c(data: bytes) -> str:
+    """CRC32C of bytes, base64 as GCS reports it (what `find_mismatched` compares)."""
+    import google_crc32c
+
+    return base64.b64encode(google_crc32c.Checksum(data).digest()).decode("ascii")
+
+
+def find_mismatched(root: str, expected: Mapping[str, tuple[int, str]]) -> dict[str, str]:
+    """{path: what is wrong} for each `root`-relative path whose stored file is missing or differs
+    from its expected (size, crc32c); checked against one listing per top folder, no file is read.
+
+    gs:// compares size and CRC32C (GCS keeps both with every object). Locally only the size: a
+    local write that fails raises, and re-reading every file would cost a full read.
+    """
+    wrong = {}
+    for folder in sorted({path.split("/", 1)[0] for path in expected}):
+        stored = _list_sizes_and_crc32c(join(root, folder))
+        for path in sorted(p for p in expected if p.split("/", 1)[0] == folder):
+            size_wanted, crc_wanted = expected[path]
+            found = stored.get(path.split("/", 1)[1] if "/" in path else "")
+            if found is None:
+                wrong[path] = "missing"
+            elif found[0] != size_wanted:
+                wrong[path] = f"{found[0]} bytes stored, {size_wanted} written"
+            elif found[1] is not None and found[1] != crc_wanted:
+                wrong[path] = f"CRC32C {found[1]} stored, {crc_wanted} written"
+    return wrong
+
+
+def _list_sizes_and_crc32c(folder: str) -> dict[str, tuple[int, str | None]]:
+    """Every file under `folder` (recursively, by relative path) -> (size, CRC32C or None locally)."""
+    if is_gcs(folder):
+        bucket_name, prefix = split_gcs(folder.rstrip("/") + "/")
+        return {blob.name[len(prefix):]: (blob.size, blob.crc32c)
+                for blob in gcs_client().list_blobs(bucket_name, prefix=prefix)}
+    found = {}
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(parent, name)
+            found[os.path.relpath(path, folder).replace(os.sep, "/")] = (os.path.getsize(path), None)
+    return found
 
 
 def wait_for(path: str, timeout_s: float, what: str, poll_s: float = 10.0) -> None:

@@ -15,7 +15,7 @@ import tensorflow as tf
 from pneumonia import storage
 from pneumonia.config import CLASS_NAMES, PipelineConfig
 from pneumonia.data import imaging, tfrecords
-from pneumonia.errors import BadInputError
+from pneumonia.errors import BadInputError, StorageError
 from pneumonia.layout import MARKER_NAME
 from pneumonia.logs import get_logger
 
@@ -234,7 +234,7 @@ def distributed_dataset(strategy: tf.distribute.Strategy, processed_dir: str, sp
 
 
 def verify_shards(processed_dir: str, splits: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Checks every listed shard's size and sha256 against the marker; BadInputError names a bad one."""
+    """Checks every listed shard's size and sha256 against the marker; StorageError (retryable) names a bad one."""
     marker = read_marker(processed_dir)
     for shard in marker["shards"]:
         if splits and shard["split"] not in splits:
@@ -248,7 +248,7 @@ def verify_shards(processed_dir: str, splits: tuple[str, ...] | None = None) -> 
         elif storage.sha256_file(path) != shard["sha256"]:
             problem = "does not match its sha256 in the marker (corrupted)"
         if problem:
-            raise BadInputError(
-                f"shard {path} {problem}; delete {storage.join(processed_dir, MARKER_NAME)} and rerun the "
+            raise StorageError(
+                f"shard {path} {problem}; the shard stage wrote it: delete {storage.join(processed_dir, MARKER_NAME)} and rerun the "
                 "shard stage to rewrite it")
     return marker

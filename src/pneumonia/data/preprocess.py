@@ -19,7 +19,7 @@ from pneumonia import storage
 from pneumonia.config import CLASS_NAMES, INTERIM, PipelineConfig, settings_deciding
 from pneumonia.data import archive as archive_lib
 from pneumonia.data import split as split_lib
-from pneumonia.errors import BadInputError
+from pneumonia.errors import BadInputError, StorageError
 from pneumonia.layout import CONFIG_NAME, Layout
 from pneumonia.logs import get_logger
 
@@ -31,6 +31,8 @@ _STAGING_PREFIX = ".preprocess-tmp-"
 _NUM_WRITERS = 8  # decode checks and (on gs://) uploads overlap; the zip itself is read by one thread
 # Bytes of read entries waiting for a writer thread; with data.max_entry_bytes this bounds the memory held.
 _MAX_PENDING_BYTES = 512 * 1024**2
+# Rounds of rewriting interim images whose stored bytes differ from what was written (then StorageError).
+_MAX_REWRITE_ROUNDS = 3
 
 
 def run(config: PipelineConfig) -> dict[str, Any]:
@@ -66,7 +68,9 @@ def run(config: PipelineConfig) -> dict[str, Any]:
         else:
             _clean(layout)
         try:
-            rows, dropped, num_duplicates = _extract(zipped, archive_path, listing, config, staging)
+            written: dict[str, tuple[int, str, Any]] = {}
+            rows, dropped, num_duplicates = _extract(zipped, archive_path, listing, config, staging, written)
+            _verify_written(zipped, staging, written)
             _check_layout(archive_path, listing, rows, dropped)
             stats = split_lib.split_rows(rows, config.split)
             manifest = split_lib.build_manifest(rows, config.split)
@@ -195,8 +199,12 @@ def _publish_local(staging: str, layout: Layout) -> None:
 
 
 def _extract(zipped: Any, archive_path: str, listing: archive_lib.Listing, config: PipelineConfig,
-             staging: str) -> tuple[list[dict[str, Any]], list[archive_lib.Dropped], int]:
-    """Reads each candidate once, drops duplicates by content, checks it decodes, writes its bytes."""
+             staging: str, written: dict[str, tuple[int, str, Any]],
+             ) -> tuple[list[dict[str, Any]], list[archive_lib.Dropped], int]:
+    """Reads each candidate once, drops duplicates by content, checks it decodes, writes its bytes.
+
+    `written` gets each image written: path -> (size, CRC32C, zip entry), for `_verify_written`.
+    """
     budget = archive_lib.InflateBudget(config.data, archive_path)
     dropped = list(listing.dropped)
     rows: list[dict[str, Any]] = []
@@ -213,6 +221,7 @@ def _extract(zipped: Any, archive_path: str, listing: archive_lib.Listing, confi
             # The staging folder (or a GCS object, visible only once complete) is already safe from readers.
             with storage.open_file(storage.join(staging, row["path"]), "wb") as handle:
                 handle.write(data)
+            written[row["path"]] = (len(data), storage.crc32c(data), candidate.info)
         return candidate, row, problem
 
     pending: collections.deque = collections.deque()
@@ -275,6 +284,29 @@ def _extract(zipped: Any, archive_path: str, listing: archive_lib.Listing, confi
     for item in dropped:
         log.warning("dropped file", entry=item.entry, reason=item.reason)
     return rows, dropped, num_duplicates
+
+
+def _verify_written(zipped: Any, staging: str, written: dict[str, tuple[int, str, Any]]) -> None:
+    """Checks every interim image against one listing and rewrites those missing or different (bounded).
+
+    The marker must not vouch for an image that is not there: a GCS upload that met a 503 can end
+    as an empty object without the writer hearing of it.
+    """
+    expected = {path: (size, crc) for path, (size, crc, _) in written.items()}
+    for round_number in range(_MAX_REWRITE_ROUNDS + 1):
+        wrong = storage.find_mismatched(staging, expected)
+        if not wrong:
+            return
+        if round_number == _MAX_REWRITE_ROUNDS:
+            break
+        log.warning("interim images differ from what was written; rewriting them", num_images=len(wrong),
+                    examples={path: wrong[path] for path in sorted(wrong)[:3]}, round=round_number + 1)
+        for path in wrong:
+            with storage.open_file(storage.join(staging, path), "wb") as handle:
+                handle.write(zipped.read(written[path][2]))
+    shown = "; ".join(f"{storage.join(staging, path)}: {wrong[path]}" for path in sorted(wrong)[:3])
+    raise StorageError(f"{len(wrong)} interim images still differ from what was written after "
+                       f"{_MAX_REWRITE_ROUNDS} rewrites (e.g. {shown}); the storage is failing: retry later")
 
 
 def _check_layout(archive_path: str, listing: archive_lib.Listing, rows: list[dict[str, Any]],

@@ -19,7 +19,7 @@ import tensorflow as tf
 from pneumonia import cluster, storage
 from pneumonia.config import CLASS_NAMES, SHARDS, PipelineConfig, settings_deciding
 from pneumonia.data import imaging, pipeline, roundtrip, tfrecords, upstream
-from pneumonia.errors import BadInputError
+from pneumonia.errors import BadInputError, StorageError
 from pneumonia.layout import CONFIG_NAME, MARKER_NAME, Layout
 from pneumonia.logs import get_logger
 
@@ -31,6 +31,8 @@ POLL_S = 1.0
 _UPSTREAM_POLL_S = 10.0  # as storage.wait_for: the interim marker changes once per preprocess run
 # Metadata (paths, ids, framing) per record on top of the pixels; only used to size shards.
 _RECORD_OVERHEAD_BYTES = 256
+# TFRecord framing around each record: its length (8 bytes), the length's CRC (4), the data's CRC (4).
+_TFRECORD_FRAMING_BYTES = 16
 
 
 @dataclass(frozen=True)
@@ -257,9 +259,24 @@ def write_shards(out_dir: str, plans: list[ShardPlan], config: PipelineConfig, f
     """Writes each shard under a temporary name, moves it into place, then writes its sidecar.
 
     One tf.data pipeline spans all the given shards, so decoding never stalls at a shard boundary.
+    A shard stored with another size than was written (an upload that met a storage fault) is
+    written again, up to storage.WRITE_ATTEMPTS times in all.
     """
+    for attempt in range(1, storage.WRITE_ATTEMPTS + 1):
+        plans = _write_shards_once(out_dir, plans, config, fingerprint)
+        if not plans:
+            return
+        log.warning("shards stored with another size than written; writing them again",
+                    shards=[plan.name for plan in plans], attempt=attempt)
+    raise StorageError(f"shards {', '.join(plan.name for plan in plans)} in {out_dir} were stored with another size "
+                       f"than written {storage.WRITE_ATTEMPTS} times; the storage is failing: retry later")
+
+
+def _write_shards_once(out_dir: str, plans: list[ShardPlan], config: PipelineConfig,
+                       fingerprint: str) -> list[ShardPlan]:
+    """Writes the shards; returns those whose stored size differs from what was written (not moved into place)."""
     if not plans:
-        return
+        return []
     shard = config.shard
     root = config.data.root.rstrip("/")
     height, width, channels = shard.image_height, shard.image_width, shard.channels
@@ -273,8 +290,18 @@ def write_shards(out_dir: str, plans: list[ShardPlan], config: PipelineConfig, f
     dataset = tf.data.Dataset.from_tensor_slices(sources).map(
         load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
     iterator = iter(dataset)
+    stored_wrong = []
     for plan in plans:
-        _write_shard(out_dir, plan, iterator, config, fingerprint)
+        try:
+            _write_shard(out_dir, plan, iterator, config, fingerprint)
+        except _StoredSizeDiffers as error:
+            log.warning("shard stored with another size than written", shard=plan.name, error=str(error))
+            stored_wrong.append(plan)
+    return stored_wrong
+
+
+class _StoredSizeDiffers(StorageError):
+    """A shard's temporary file holds another number of bytes than its records add up to."""
 
 
 def _write_shard(out_dir: str, plan: ShardPlan, encoded_images: Any, config: PipelineConfig,
@@ -282,28 +309,48 @@ def _write_shard(out_dir: str, plan: ShardPlan, encoded_images: Any, config: Pip
     shard = config.shard
     path = storage.join(out_dir, plan.name)
     class_counts = dict.fromkeys(CLASS_NAMES, 0)
+    num_bytes_written = 0
     with storage.atomic_path(path) as temp:
         with tf.io.TFRecordWriter(temp) as writer:
             for row in plan.rows:
                 try:
                     encoded, original_height, original_width = next(encoded_images)
                 except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as error:
-                    raise BadInputError(
-                        f"cannot read image {storage.join(config.data.root.rstrip('/'), row['path'])} (manifest row "
-                        f"{row['path']}, split {row['split']}): {error.message.splitlines()[0]}; rerun the "
-                        "preprocess stage or remove the file from interim/ and the manifest") from None
-                writer.write(tfrecords.encode_example(tfrecords.Record(
+                    raise _unreadable_image(config, row, error) from None
+                serialized = tfrecords.encode_example(tfrecords.Record(
                     image=encoded.numpy(), image_format=shard.encoding, height=shard.image_height,
                     width=shard.image_width, channels=shard.channels, label=row["label"], class_name=row["class"],
                     patient=row["patient"], source_path=row["path"], original_height=int(original_height),
-                    original_width=int(original_width))))
+                    original_width=int(original_width)))
+                writer.write(serialized)
+                num_bytes_written += len(serialized) + _TFRECORD_FRAMING_BYTES
                 class_counts[row["class"]] += 1
+        # An upload that met a storage fault can end short (even empty) without an error: check the size.
+        num_bytes_stored = storage.size(temp)
+        if num_bytes_stored != num_bytes_written:
+            raise _StoredSizeDiffers(f"{path}: {num_bytes_stored} bytes stored, {num_bytes_written} written")
         # Checksum what is about to be moved into place: the sidecar vouches for these bytes.
         summary = {"name": plan.name, "split": plan.split, "num_records": len(plan.rows),
-                   "bytes": storage.size(temp), "sha256": storage.sha256_file(temp), "class_counts": class_counts}
+                   "bytes": num_bytes_stored, "sha256": storage.sha256_file(temp), "class_counts": class_counts}
     storage.write_json(storage.join(out_dir, tfrecords.sidecar_name(plan.name)),
                        {**summary, "fingerprint": fingerprint})
     log.info("shard written", shard=plan.name, num_records=summary["num_records"], bytes=summary["bytes"])
+
+
+def _unreadable_image(config: PipelineConfig, row: dict[str, Any], error: tf.errors.OpError) -> Exception:
+    """A storage fault when the interim image is missing or differs from the manifest's sha256 (retryable),
+    else bad input: the bytes preprocess vouched for do not decode."""
+    path = storage.join(config.data.root.rstrip("/"), row["path"])
+    detail = error.message.splitlines()[0]
+    found = storage.sha256_file(path) if storage.exists(path) else None
+    if row.get("sha256") and found != row["sha256"]:
+        state = "is missing" if found is None else f"differs from the split manifest's sha256 (found sha256 {found})"
+        layout = Layout.of(config)
+        return StorageError(f"interim image {path} {state}: {detail}. The preprocess stage wrote it: delete "
+                            f"{layout.interim_marker} and rerun the preprocess stage")
+    return BadInputError(
+        f"cannot read image {path} (manifest row {row['path']}, split {row['split']}): {detail}; rerun the "
+        "preprocess stage or remove the file from interim/ and the manifest")
 
 
 def _read_sidecar(out_dir: str, plan: ShardPlan, fingerprint: str) -> dict[str, Any] | None:
@@ -450,5 +497,5 @@ def _remove_quietly(path: str) -> None:
 
 
 def _verify_against_marker(out_dir: str, marker: dict[str, Any]) -> None:
-    """A rerun that finds the marker re-checks every shard, so silent corruption stops here (exit 2)."""
+    """A rerun that finds the marker re-checks every shard, so silent corruption stops here (exit 1, naming it)."""
     pipeline.verify_shards(out_dir)
