@@ -146,6 +146,15 @@ def load_resized(image_bytes: tf.Tensor, height: int, width: int, channels: int)
     return _resize_to_fit(image, new_height, new_width, height, width), original_height, original_width
 
 
+def model_input(image_bytes: tf.Tensor, height: int, width: int, channels: int) -> tf.Tensor:
+    """Source file bytes -> float32 [height, width, channels] in [0, 1]: what the model sees for a file.
+
+    load_resized then to_float, the shard writer's pixels as the pipeline hands them over; the
+    exported model's serving signature (and so pneumonia.predict) runs exactly this in its graph.
+    """
+    return to_float(load_resized(image_bytes, height, width, channels)[0])
+
+
 def encode(image: tf.Tensor, encoding: str) -> tf.Tensor:
     """uint8 [H, W, C] -> PNG (lossless) or JPEG bytes; deterministic for the same pixels."""
     if encoding == "png":
