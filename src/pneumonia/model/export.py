@@ -8,8 +8,10 @@ Serving, Vertex AI, KServe's TensorFlow runtime):
     outputs: probabilities  tf.float32 [None, 3] calibrated, in CLASS_NAMES order
              class          tf.string [None]     the most probable class name
 
-It decodes and resizes in the graph with the shard stage's own function (imaging.model_input), so
-a server sees what training saw; servers base64-decode inputs named `*_bytes` sent as {"b64": ...}.
+It decodes, resizes and pads in the graph with the shard stage's own function, then stores and
+reads back the pixels as the run's shards do (imaging.model_input), so a served file becomes the
+very input the model trained on and evaluate scored. Servers base64-decode inputs named `*_bytes`
+sent as {"b64": ...}.
 """
 
 from __future__ import annotations
@@ -41,14 +43,14 @@ MODEL_FORMAT = ("tf_keras SavedModel, float32 (load with tf_keras.models.load_mo
                 "calibrated), class (string [None])")
 
 
-def serving_function(model: keras.Model, temperature: float, height: int, width: int,
-                     channels: int) -> Any:
+def serving_function(model: keras.Model, temperature: float, shard: ShardConfig) -> Any:
     """The `serving_default` tf.function: encoded image files -> calibrated probabilities and class names."""
     class_names = tf.constant(CLASS_NAMES)
+    height, width, channels = shard.image_height, shard.image_width, shard.channels
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_KEY)])
     def serve(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
-        images = tf.map_fn(lambda one: imaging.model_input(one, height, width, channels), image_bytes,
+        images = tf.map_fn(lambda one: imaging.model_input(one, height, width, channels, shard.encoding), image_bytes,
                            fn_output_signature=tf.TensorSpec([height, width, channels], tf.float32))
         probabilities = apply_temperature(model(images, training=False), temperature)
         return {"probabilities": probabilities, "class": tf.gather(class_names, tf.argmax(probabilities, axis=1))}
@@ -64,7 +66,7 @@ def apply_temperature(probabilities: tf.Tensor, temperature: float) -> tf.Tensor
 
 def save(model: keras.Model, temperature: float, shard: ShardConfig, destination: str) -> None:
     """Writes the SavedModel to `destination` (local or gs://); locally to a temp folder first, then moved."""
-    serve = serving_function(model, temperature, shard.image_height, shard.image_width, shard.channels)
+    serve = serving_function(model, temperature, shard)
     options = {"save_format": "tf", "include_optimizer": False, "signatures": {SIGNATURE: serve}}
     if storage.is_gcs(destination):
         # GCS has no folder rename; evaluate and servers trust the export only once the run marker exists.
