@@ -30,7 +30,7 @@ def served_against_evaluated(run: TrainedRun) -> tuple[dict, dict]:
     evaluate.run(run.config)
     rows = [json.loads(line) for line in (Path(run.run_dir) / "report" / "predictions.jsonl").read_text().splitlines()]
     root = Layout.of(run.config).root
-    served = export.ServedModel(str(Path(run.run_dir) / "model"))
+    served = export.ServedModel(Layout.of(run.config).saved_model(RUN_ID))
     probabilities, classes = served([storage.read_bytes(storage.join(root, row["path"])) for row in rows])
     evaluated = {row["path"]: (np.array(list(row["probabilities"].values())), row["predicted"]) for row in rows}
     answers = {row["path"]: (p, c) for row, p, c in zip(rows, probabilities, classes, strict=True)}
@@ -63,7 +63,7 @@ def test_serving_on_source_files_is_evaluate_exactly(run, request):
 
 
 def test_the_signature_takes_image_bytes_and_returns_probabilities_and_class(png_run):
-    signature = export.ServedModel(str(Path(png_run.run_dir) / "model")).signature
+    signature = export.ServedModel(Layout.of(png_run.config).saved_model(RUN_ID)).signature
     (inputs,) = signature.structured_input_signature[1].values()
     assert list(signature.structured_input_signature[1]) == ["image_bytes"]
     assert inputs.dtype == tf.string and inputs.shape.as_list() == [None]
@@ -73,7 +73,7 @@ def test_the_signature_takes_image_bytes_and_returns_probabilities_and_class(png
 
 
 def test_exported_weights_are_the_best_checkpoint_in_float32(png_run):
-    exported = keras.models.load_model(str(Path(png_run.run_dir) / "model"), compile=False)
+    exported = keras.models.load_model(Layout.of(png_run.config).saved_model(RUN_ID), compile=False)
     best = zoo.build_model(png_run.config.model, (32, 32, 1))
     zoo.load_weights(best, Layout.of(png_run.config).best_weights(RUN_ID))
     assert len(exported.weights) == len(best.weights)
@@ -105,7 +105,7 @@ def test_a_tf_serving_rest_body_with_b64_images_decodes_and_predicts(png_run):
              _encode(np.stack([demo.render_image("bacteria", rng)] * 3, axis=-1), "JPEG"),  # RGB JPEG
              _encode(np.asarray(Image.fromarray(gray).resize((97, 41))), "JPEG")]  # odd size, wide
     body = json.dumps({"instances": [{"image_bytes": {"b64": base64.b64encode(f).decode("ascii")}} for f in files]})
-    served = export.ServedModel(str(Path(png_run.run_dir) / "model"))
+    served = export.ServedModel(Layout.of(png_run.config).saved_model(RUN_ID))
     predictions = json.loads(tf_serving_predict(served, body))["predictions"]
 
     model = png_run.model
@@ -136,7 +136,7 @@ def test_training_exports_the_best_weights_of_a_mixed_precision_run_in_float32(t
     assert record["nll"]["after"] <= record["nll"]["before"] and record["num_images"] > 0
     assert (run_dir / "calibration.json").stat().st_mtime_ns <= (run_dir / "_SUCCESS.json").stat().st_mtime_ns
 
-    exported = keras.models.load_model(str(run_dir / "model"), compile=False)
+    exported = keras.models.load_model(str(run_dir / "model" / "1"), compile=False)
     assert exported.dtype_policy.name == "float32"
     assert all(layer.dtype_policy.name == "float32" for layer in exported.layers)
     best = zoo.build_model(tiny_config(str(tmp_path), "x").model, (32, 32, 1))

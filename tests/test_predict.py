@@ -84,7 +84,7 @@ def test_a_missing_run_or_export_exits_2_naming_the_path(tmp_path, image_folder,
     missing = tmp_path / "runs" / "nope"
     assert predict.main([str(missing), str(image_folder)]) == 2
     captured = capsys.readouterr()
-    assert f"{missing}/model/saved_model.pb is missing" in captured.err
+    assert f"{missing}/model/1/saved_model.pb is missing" in captured.err
     assert captured.out == ""
 
 

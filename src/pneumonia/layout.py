@@ -7,7 +7,7 @@
     processed/<H>x<W>x<C>/{train,val,test}-NNNNN-of-NNNNN.tfrecord
     processed/<H>x<W>x<C>/_SUCCESS.json
     runs/<run_id>/{config.yaml, checkpoints/best.weights.h5, backup/, tensorboard/, history.json,
-                   calibration.json, model/, report/}
+                   calibration.json, model/1/, report/}
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from pneumonia.config import PipelineConfig
 MARKER_NAME = "_SUCCESS.json"
 CONFIG_NAME = "config.yaml"
 BEST_WEIGHTS_NAME = "best.weights.h5"
+# TF Serving (and KServe's TensorFlow runtime) load <base path>/<integer version>/: a run exports once.
+EXPORT_VERSION = "1"
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,10 @@ class Layout:
 
     def model(self, run_id: str) -> str:
         return storage.join(self.run(run_id), "model")
+
+    def saved_model(self, run_id: str) -> str:
+        """The export itself (a SavedModel), version EXPORT_VERSION under the base path model()."""
+        return storage.join(self.model(run_id), EXPORT_VERSION)
 
     def run_marker(self, run_id: str) -> str:
         return storage.join(self.run(run_id), MARKER_NAME)

@@ -3,7 +3,7 @@
     python -m pneumonia.predict RUN_DIR IMAGE_OR_FOLDER [--batch-size N]
 
 RUN_DIR is `runs/<run_id>` (local or gs://). The images go, as encoded files, through the run's
-export (`model/`, its `serving_default` signature) exactly as a model server would send them: the
+export (`model/1/`, its `serving_default` signature) exactly as a model server would send them: the
 export decodes and resizes in its graph with the shard stage's own function (aspect ratio kept,
 padded), holds the best weights evaluate scored, and applies the temperature fitted on val, so
 these are the probabilities a served model returns. A folder is searched recursively for
@@ -52,7 +52,7 @@ def find_images(path: str) -> list[str]:
 def load_export(run_dir: str) -> export.ServedModel:
     """The run's exported model, loaded as a server loads it; BadInputError when the run has none."""
     layout, run_id = Layout.of_run_dir(run_dir)
-    model_dir = layout.model(run_id)
+    model_dir = layout.saved_model(run_id)
     if not storage.exists(storage.join(model_dir, "saved_model.pb")):
         raise BadInputError(f"{model_dir}/saved_model.pb is missing: {run_dir} has no exported model "
                             "(did training finish? runs trained before the export existed need retraining)")

@@ -1,6 +1,6 @@
-"""The run's export, runs/<id>/model/: the weights evaluate scores, in float32, calibrated, serving image files.
+"""The run's export, runs/<id>/model/1/: the weights evaluate scores, in float32, calibrated, serving image files.
 
-A tf_keras SavedModel. `tf_keras.models.load_model(path, compile=False)` gives the Keras model on
+A tf_keras SavedModel, in the version folder TF Serving expects under the base path runs/<id>/model/. `tf_keras.models.load_model(path, compile=False)` gives the Keras model on
 shard-sized images in [0, 1]; its `serving_default` signature is what model servers call (TF
 Serving, Vertex AI, KServe's TensorFlow runtime):
 
@@ -95,7 +95,7 @@ def export_run(layout: Layout, run_id: str) -> dict[str, Any]:
     record = calibration.calibration_record(probabilities, labels)
     storage.write_json(layout.calibration(run_id), record)
     log.info("calibration fitted", **record)
-    destination = layout.model(run_id)
+    destination = layout.saved_model(run_id)
     save(model, record["temperature"], run_config.shard, destination)
     log.info("model exported", path=destination, temperature=record["temperature"])
     return {"path": destination, "format": MODEL_FORMAT, "dtype": "float32", "weights": layout.best_weights(run_id),

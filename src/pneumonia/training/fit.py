@@ -317,7 +317,7 @@ def _finish(model: keras.Model, config: PipelineConfig, layout: Layout, spec: cl
         "weights_sha256": checksum,
         "best_weights": best_path,
         "best_weights_sha256": storage.sha256_file(best_path) if storage.exists(best_path) else None,
-        "model": exported["path"],
+        "model": layout.model(run_id),  # the base path servers take (TF Serving, KServe's storageUri)
         "model_format": exported["format"],
         "export": {**exported, **{f"best_{key}": value for key, value in best_record.items()}},
         "calibration": layout.calibration(run_id),
