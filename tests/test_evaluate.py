@@ -26,7 +26,7 @@ from pneumonia.config import CLASS_NAMES, PipelineConfig, load_config
 from pneumonia.data import imaging, pipeline, preprocess, shard, tfrecords
 from pneumonia.errors import BadInputError, UpstreamMissingError
 from pneumonia.layout import Layout
-from pneumonia.model import zoo
+from pneumonia.model import calibration, export, zoo
 from pneumonia.training import evaluate, report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,13 +46,13 @@ class TrainedRun:
     model: object  # the tf_keras model whose weights are the run's best.weights.h5
 
 
-def make_run(root: Path, seed: int = 0) -> TrainedRun:
+def make_run(root: Path, seed: int = 0, encoding: str = "png") -> TrainedRun:
     """Demo archive -> preprocess -> shard (the real stages, 32x32x1), then a run dir as training
-    leaves it: config.yaml, checkpoints/best.weights.h5 (a small CNN, random weights), history.json,
-    _SUCCESS.json."""
+    leaves it: config.yaml, checkpoints/best.weights.h5 (a small CNN, briefly trained), history.json,
+    calibration.json and model/ (training's own export step), _SUCCESS.json."""
     archive = make_demo_archive(root, num_images=60, seed=seed)
     config = config_for(root / "data", archive, "shard.image_height=32", "shard.image_width=32",
-                        "shard.min_shards_per_split=3", "shard.encoding=png", "model.name=small_cnn", "model.weights=none",
+                        "shard.min_shards_per_split=3", f"shard.encoding={encoding}", "model.name=small_cnn", "model.weights=none",
                         "model.trainable=full", "model.input_size=32", "model.dense_units=[16]",
                         "train.per_replica_batch_size=4", f"train.run_id={RUN_ID}")
     preprocess.run(config)
@@ -65,9 +65,10 @@ def make_run(root: Path, seed: int = 0) -> TrainedRun:
     model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="categorical_crossentropy")
     train = pipeline.make_dataset(layout.processed(config.shard.size_dir), "train", 8, training=False, config=config)
     model.fit(train, epochs=4, verbose=0)
-    zoo.save_weights(model, evaluate.checkpoint_path(layout.run(RUN_ID)))
+    zoo.save_weights(model, layout.best_weights(RUN_ID))
     storage.write_text(storage.join(layout.run(RUN_ID), "config.yaml"), config.to_yaml())
     storage.write_json(layout.history(RUN_ID), HISTORY)
+    export.export_run(layout, RUN_ID)
     storage.write_json(layout.run_marker(RUN_ID), {"run_id": RUN_ID})
     return TrainedRun(config, layout.run(RUN_ID), model)
 
@@ -96,7 +97,8 @@ def test_metrics_equal_scikit_learn_on_the_models_own_predictions(trained_run, e
     assert evaluated["num_images"] == len(records) > 0
     images = np.stack([imaging.to_float(imaging.decode_stored(r.image, 32, 32, 1)).numpy() for r in records])
     labels = np.array([r.label for r in records])
-    probabilities = trained_run.model(images, training=False).numpy()
+    temperature = calibration.load_temperature(Layout.of(trained_run.config), RUN_ID)
+    probabilities = calibration.apply_temperature(trained_run.model(images, training=False).numpy(), temperature)
     predictions = probabilities.argmax(axis=1)
 
     # The pipeline's order is its own; compare order-free facts plus per-image rows by path.

@@ -17,6 +17,7 @@ from pneumonia import cluster
 from pneumonia.config import PipelineConfig, load_config
 from pneumonia.errors import EXIT_BAD_INPUT, EXIT_PEER_LOST, EXIT_PREEMPTED, ConfigError
 from pneumonia.k8s import manifests as mf
+from pneumonia.layout import Layout
 
 sys.path.insert(0, str(Path(__file__).parent))
 from k8s_helpers import ClusterEmulator, EmulatorThread, write_kubeconfig  # noqa: E402
@@ -492,3 +493,40 @@ def test_kubectl_client_dry_run_applies_the_folder_in_order(tmp_path: Path) -> N
         assert {method for method, *_ in server.emulator.calls} == {"GET"}  # a dry run writes nothing
     finally:
         server.stop()
+
+
+# --- serving: an example beside the pipeline, never applied with it ------------------------------
+
+SERVING = mf.MANIFEST_DIR / "serving" / "inferenceservice.yaml"
+
+
+def test_the_inferenceservice_serves_the_runs_export_and_stays_out_of_the_pipeline(tmp_path: Path) -> None:
+    """KServe's CRD is unknown to kubernetes-validate: check the kind, the fields that must match the
+    pipeline (namespace, service account, the export's path for the ConfigMap's run), and the
+    predictor's container fields against the core Container schema."""
+    (service,) = [doc for doc in yaml.safe_load_all(SERVING.read_text()) if doc]
+    assert (service["apiVersion"], service["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    pipeline = mf.load_manifests()
+    assert "InferenceService" not in {obj["kind"] for obj in pipeline}  # manifests/ alone is the pipeline
+    assert service["metadata"]["namespace"] == one(pipeline, "Namespace")["metadata"]["name"]
+    predictor = service["spec"]["predictor"]
+    assert predictor["serviceAccountName"] == one(pipeline, "ServiceAccount")["metadata"]["name"]
+
+    config = configmap_config(pipeline, tmp_path)
+    model = predictor["model"]
+    assert model["modelFormat"]["name"] == "tensorflow"
+    assert model["storageUri"] == Layout.of(config).model(config.train.run_id)
+    assert service["metadata"]["labels"]["app.kubernetes.io/instance"] == config.train.run_id
+    tag = model["runtimeVersion"]
+    assert isinstance(tag, str) and tag[0].isdigit()  # pinned, never the runtime's moving default
+
+    container = {key: value for key, value in model.items() if key not in ("modelFormat", "runtimeVersion",
+                                                                           "storageUri")}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "check", "namespace": "pneumonia"},
+           "spec": {"serviceAccountName": predictor["serviceAccountName"],
+                    "containers": [{"name": "kserve-container", "image": f"tensorflow/serving:{tag}", **container}]}}
+    for version in (OLDEST_K8S, NEWEST_K8S):
+        kubernetes_validate.validate(pod, version, strict=True)
+    for section in ("requests", "limits"):
+        assert all(isinstance(quantity, str) for quantity in container["resources"][section].values())
+    assert container["securityContext"]["runAsNonRoot"] is True

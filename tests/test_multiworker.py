@@ -97,7 +97,7 @@ def test_two_workers_finish_in_sync_and_only_the_chief_writes(tiny_shards: Path,
     # Only the chief wrote: its log alone says so, and no worker's scratch folder is left in the run.
     assert set(by_worker(logged, "model exported")) == {0}
     assert set(by_worker(logged, "best weights")) == {0}
-    assert (run_dir / "checkpoints" / "best.weights.h5").is_file() and (run_dir / "model" / "saved_model.pb").is_file()
+    assert (run_dir / "checkpoints" / "best.weights.h5").is_file() and (run_dir / "model" / "1" / "saved_model.pb").is_file()
     assert not [p for p in run_dir.rglob("*") if "workertemp" in p.name or p.name.startswith(".tmp-")]
 
 

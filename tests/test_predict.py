@@ -1,11 +1,12 @@
-"""python -m pneumonia.predict: one JSON line per image, preprocessing identical to the shards, exit 2
-for a missing run or a bad image."""
+"""python -m pneumonia.predict: one JSON line per image, scored through the run's export (preprocessing
+identical to the shards, calibrated), exit 2 for a missing run or export, or a bad image."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +15,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
-from test_evaluate import make_run, read_test_records
+from test_evaluate import RUN_ID, make_run, read_test_records
 
 from pneumonia import predict
 from pneumonia.config import CLASS_NAMES
 from pneumonia.data import demo, imaging
 from pneumonia.layout import Layout
+from pneumonia.model import calibration
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +58,10 @@ def test_cli_prints_one_json_line_per_image(trained_run, image_folder):
     assert [row["path"] for row in rows] == expected_paths
 
     shard = trained_run.config.shard
-    images = np.stack([predict.load_image(p, shard.image_height, shard.image_width, shard.channels)
-                       for p in expected_paths])
-    want = trained_run.model(images, training=False).numpy()
+    images = np.stack([imaging.model_input(tf.constant(Path(p).read_bytes()), shard.image_height, shard.image_width,
+                                           shard.channels, shard.encoding).numpy() for p in expected_paths])
+    temperature = calibration.load_temperature(Layout.of(trained_run.config), RUN_ID)
+    want = calibration.apply_temperature(trained_run.model(images, training=False).numpy(), temperature)
     for row, expected in zip(rows, want, strict=True):
         assert list(row["probabilities"]) == list(CLASS_NAMES)
         values = np.array(list(row["probabilities"].values()))
@@ -72,16 +75,16 @@ def test_images_are_prepared_exactly_as_the_shard_stage_prepares_them(trained_ru
     records = read_test_records(config)[:4]
     for record in records:
         source = str(Path(Layout.of(config).root) / record.source_path)
-        prepared = predict.load_image(source, 32, 32, 1)
+        prepared = imaging.model_input(tf.constant(Path(source).read_bytes()), 32, 32, 1, "png").numpy()
         stored = imaging.to_float(imaging.decode_stored(tf.constant(record.image), 32, 32, 1)).numpy()
         np.testing.assert_array_equal(prepared, stored)  # PNG shards are lossless
 
 
-def test_a_missing_run_exits_2_naming_the_path(tmp_path, image_folder, capsys):
+def test_a_missing_run_or_export_exits_2_naming_the_path(tmp_path, image_folder, capsys):
     missing = tmp_path / "runs" / "nope"
     assert predict.main([str(missing), str(image_folder)]) == 2
     captured = capsys.readouterr()
-    assert f"{missing}/config.yaml" in captured.err
+    assert f"{missing}/model/1/saved_model.pb is missing" in captured.err
     assert captured.out == ""
 
 
@@ -95,3 +98,16 @@ def test_a_bad_image_or_path_exits_2_naming_it(trained_run, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert predict.main([trained_run.run_dir, str(tmp_path / "empty")]) == 2
     assert "no image files" in capsys.readouterr().err
+    mixed = tmp_path / "mixed"  # one bad file in a batch of good ones: the bad one is named
+    mixed.mkdir()
+    _save(mixed / "a.png", demo.render_image("normal", np.random.default_rng(0)), "PNG")
+    (mixed / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    assert predict.main([trained_run.run_dir, str(mixed)]) == 2
+    assert f"{mixed / 'b.png'} is not a decodable image" in capsys.readouterr().err
+
+
+def test_a_run_dir_copied_elsewhere_still_predicts(trained_run, image_folder, tmp_path):
+    copy = tmp_path / "my-run"
+    shutil.copytree(trained_run.run_dir, copy)
+    paths = predict.find_images(str(image_folder))
+    assert list(predict.predict(str(copy), paths)) == list(predict.predict(trained_run.run_dir, paths))

@@ -298,9 +298,12 @@ def test_stop_after_one_epoch_then_resume_across_the_warmup_switch(data_root: st
     assert marker["best"]["value"] == pytest.approx(history["epochs"][best_epoch]["val_cohen_kappa"])
     assert not (run_dir / "backup").exists()  # removed once the marker exists
 
-    exported = keras.models.load_model(str(run_dir / "model"), compile=False)
+    exported = keras.models.load_model(str(run_dir / "model" / "1"), compile=False)
     probabilities = exported(np.zeros((2, 32, 32, 1), np.float32)).numpy()
     assert probabilities.shape == (2, 3) and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    # The export holds the best checkpoint, calibrated on val (tests/test_export.py checks the weights).
+    assert marker["export"]["best_epoch"] == best_epoch and marker["export"]["dtype"] == "float32"
+    assert marker["export"]["temperature"] == json.loads((run_dir / "calibration.json").read_text())["temperature"]
 
     again = fit.run(tiny_config(data_root, "resume"))
     assert again == marker  # already done: nothing retrained

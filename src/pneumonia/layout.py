@@ -6,7 +6,8 @@
     splits/split.json
     processed/<H>x<W>x<C>/{train,val,test}-NNNNN-of-NNNNN.tfrecord
     processed/<H>x<W>x<C>/_SUCCESS.json
-    runs/<run_id>/{config.yaml, checkpoints/, backup/, tensorboard/, history.json, model/, report/}
+    runs/<run_id>/{config.yaml, checkpoints/best.weights.h5, backup/, tensorboard/, history.json,
+                   calibration.json, model/1/, report/}
     runs/<run_id>/_SUCCESS.json, or _ENDED.json while it is stopped or failed for good
 """
 
@@ -21,15 +22,27 @@ MARKER_NAME = "_SUCCESS.json"
 # A run that ended without its marker: stopped on purpose or failed for good (pneumonia.training.run_end).
 ENDED_NAME = "_ENDED.json"
 CONFIG_NAME = "config.yaml"
+BEST_WEIGHTS_NAME = "best.weights.h5"
+# TF Serving (and KServe's TensorFlow runtime) load <base path>/<integer version>/: a run exports once.
+EXPORT_VERSION = "1"
 
 
 @dataclass(frozen=True)
 class Layout:
     root: str
+    # Where run dirs live when not under root/runs: a run dir copied elsewhere (of_run_dir).
+    runs_root: str | None = None
 
     @classmethod
     def of(cls, config: PipelineConfig) -> Layout:
         return cls(config.data.root.rstrip("/"))
+
+    @classmethod
+    def of_run_dir(cls, run_dir: str) -> tuple[Layout, str]:
+        """(layout, run_id) for a run dir given by path (runs/<run_id>, or a copy of one anywhere)."""
+        runs_root, _, run_id = run_dir.rstrip("/").rpartition("/")
+        parent = runs_root.rpartition("/")[0] if runs_root.endswith("/runs") else runs_root
+        return cls(parent, runs_root or "."), run_id
 
     @property
     def raw(self) -> str:
@@ -54,7 +67,7 @@ class Layout:
         return storage.join(self.processed(size_dir), MARKER_NAME)
 
     def run(self, run_id: str) -> str:
-        return storage.join(self.root, "runs", run_id)
+        return storage.join(self.runs_root or storage.join(self.root, "runs"), run_id)
 
     def run_config(self, run_id: str) -> str:
         """The run's resolved config, written when training starts (a resume must match it)."""
@@ -62,6 +75,14 @@ class Layout:
 
     def checkpoints(self, run_id: str) -> str:
         return storage.join(self.run(run_id), "checkpoints")
+
+    def best_weights(self, run_id: str) -> str:
+        """The best-val_cohen_kappa weights: what evaluate scores and the export holds."""
+        return storage.join(self.checkpoints(run_id), BEST_WEIGHTS_NAME)
+
+    def calibration(self, run_id: str) -> str:
+        """The temperature fitted on val at the end of training (pneumonia.model.calibration)."""
+        return storage.join(self.run(run_id), "calibration.json")
 
     def backup(self, run_id: str) -> str:
         return storage.join(self.run(run_id), "backup")
@@ -74,6 +95,10 @@ class Layout:
 
     def model(self, run_id: str) -> str:
         return storage.join(self.run(run_id), "model")
+
+    def saved_model(self, run_id: str) -> str:
+        """The export itself (a SavedModel), version EXPORT_VERSION under the base path model()."""
+        return storage.join(self.model(run_id), EXPORT_VERSION)
 
     def run_marker(self, run_id: str) -> str:
         return storage.join(self.run(run_id), MARKER_NAME)

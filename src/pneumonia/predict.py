@@ -2,15 +2,17 @@
 
     python -m pneumonia.predict RUN_DIR IMAGE_OR_FOLDER [--batch-size N]
 
-RUN_DIR is `runs/<run_id>` (local or gs://): its config.yaml says the model and the shard image
-size, checkpoints/best.weights.h5 holds the weights. A folder is searched recursively for
+RUN_DIR is `runs/<run_id>` (local or gs://). The images go, as encoded files, through the run's
+export (`model/1/`, its `serving_default` signature) exactly as a model server would send them: the
+export decodes and resizes in its graph with the shard stage's own function (aspect ratio kept,
+padded), holds the best weights evaluate scored, and applies the temperature fitted on val, so
+these are the probabilities a served model returns. A folder is searched recursively for
 .jpeg/.jpg/.png/.bmp/.gif files (hidden files such as macOS `._*` forks skipped), in sorted order.
-Each image is decoded and resized exactly as the shard stage does (`imaging.load_resized`: aspect
-ratio kept, padded), so the model sees what it saw in training. Output lines:
+Output lines:
 
     {"path": "...", "probabilities": {"normal": 0.1, "bacteria": 0.8, "virus": 0.1}, "class": "bacteria"}
 
-Logs go to stderr. Exit 2 for a missing run, image or folder, or an image that cannot be decoded.
+Logs go to stderr. Exit 2 for a missing run or export, image or folder, or an image that cannot be decoded.
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ import json
 import sys
 from collections.abc import Iterator, Sequence
 
-import numpy as np
 import tensorflow as tf
 
 from pneumonia import storage
 from pneumonia.config import CLASS_NAMES
-from pneumonia.data import imaging
 from pneumonia.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, BadInputError
+from pneumonia.layout import Layout
 from pneumonia.logs import configure_logging, get_logger
+from pneumonia.model import export
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".gif")
 
@@ -47,28 +49,39 @@ def find_images(path: str) -> list[str]:
     return sorted(found)
 
 
-def load_image(path: str, height: int, width: int, channels: int) -> np.ndarray:
-    """One file -> float32 [height, width, channels] in [0, 1], as the shard stage and the pipeline make it."""
-    try:
-        resized, _, _ = imaging.load_resized(tf.constant(storage.read_bytes(path)), height, width, channels)
-    except (tf.errors.InvalidArgumentError, ValueError) as error:
-        raise BadInputError(f"{path} is not a decodable image: {error}") from None
-    return imaging.to_float(resized).numpy()
+def load_export(run_dir: str) -> export.ServedModel:
+    """The run's exported model, loaded as a server loads it; BadInputError when the run has none."""
+    layout, run_id = Layout.of_run_dir(run_dir)
+    model_dir = layout.saved_model(run_id)
+    if not storage.exists(storage.join(model_dir, "saved_model.pb")):
+        raise BadInputError(f"{model_dir}/saved_model.pb is missing: {run_dir} has no exported model "
+                            "(did training finish? runs trained before the export existed need retraining)")
+    return export.ServedModel(model_dir)
 
 
 def predict(run_dir: str, paths: Sequence[str], batch_size: int = 32) -> Iterator[dict]:
     """Yields {"path", "probabilities", "class"} per image, in the order of `paths`."""
-    from pneumonia.training.evaluate import load_trained_model  # pulls in tf_keras; only when predicting
-
-    model, run_config = load_trained_model(run_dir)
-    shard = run_config.shard
-    infer = tf.function(lambda images: model(images, training=False))
+    served = load_export(run_dir)
     for start in range(0, len(paths), batch_size):
         chunk = list(paths[start:start + batch_size])
-        images = np.stack([load_image(p, shard.image_height, shard.image_width, shard.channels) for p in chunk])
-        for path, row in zip(chunk, infer(tf.constant(images)).numpy(), strict=True):
-            probabilities = {name: float(value) for name, value in zip(CLASS_NAMES, row, strict=True)}
-            yield {"path": path, "probabilities": probabilities, "class": CLASS_NAMES[int(np.argmax(row))]}
+        files = [storage.read_bytes(path) for path in chunk]
+        try:
+            rows, classes = served(files)
+        except tf.errors.InvalidArgumentError:
+            _raise_for_undecodable(served, chunk, files)
+            raise
+        for path, row, name in zip(chunk, rows, classes, strict=True):
+            probabilities = {class_name: float(value) for class_name, value in zip(CLASS_NAMES, row, strict=True)}
+            yield {"path": path, "probabilities": probabilities, "class": name}
+
+
+def _raise_for_undecodable(served: export.ServedModel, paths: list[str], files: list[bytes]) -> None:
+    """A batch failed to decode: name the first file that fails alone (BadInputError)."""
+    for path, data in zip(paths, files, strict=True):
+        try:
+            served([data])
+        except tf.errors.InvalidArgumentError as error:
+            raise BadInputError(f"{path} is not a decodable image: {error.message.splitlines()[0]}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -146,6 +146,21 @@ def load_resized(image_bytes: tf.Tensor, height: int, width: int, channels: int)
     return _resize_to_fit(image, new_height, new_width, height, width), original_height, original_width
 
 
+def model_input(image_bytes: tf.Tensor, height: int, width: int, channels: int, encoding: str = "png") -> tf.Tensor:
+    """Source file bytes -> float32 [height, width, channels] in [0, 1]: what the model sees for a file.
+
+    The shard writer's pixels as the input pipeline reads them back from a shard stored with
+    `encoding`: for JPEG shards the resized image goes through the same JPEG encode and decode, so
+    a served file gets the very pixels (artifacts included) the model trained on and evaluate
+    scored; PNG is lossless and needs no round trip. The exported model's serving signature (and
+    so pneumonia.predict) runs exactly this in its graph.
+    """
+    resized = load_resized(image_bytes, height, width, channels)[0]
+    if encoding != "png":
+        resized = decode_stored(encode(resized, encoding), height, width, channels)
+    return to_float(resized)
+
+
 def encode(image: tf.Tensor, encoding: str) -> tf.Tensor:
     """uint8 [H, W, C] -> PNG (lossless) or JPEG bytes; deterministic for the same pixels."""
     if encoding == "png":

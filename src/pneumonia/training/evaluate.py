@@ -24,19 +24,19 @@ from pneumonia.data import pipeline
 from pneumonia.errors import BadInputError, ConfigError
 from pneumonia.layout import CONFIG_NAME, Layout
 from pneumonia.logs import get_logger
-from pneumonia.model import zoo
+from pneumonia.model import calibration, zoo
 from pneumonia.training import report, run_end
 
 log = get_logger(__name__)
 
-BEST_WEIGHTS_NAME = "best.weights.h5"
 # Bump when the report's content changes, so a finished report from older code is redone.
 REPORT_VERSION = 1
 
 
 def checkpoint_path(run_dir: str) -> str:
     """Where training (chief only) keeps the best-val_cohen_kappa weights of a run."""
-    return storage.join(run_dir, "checkpoints", BEST_WEIGHTS_NAME)
+    layout, run_id = Layout.of_run_dir(run_dir)
+    return layout.best_weights(run_id)
 
 
 def load_run_config(run_dir: str) -> PipelineConfig:
@@ -125,7 +125,8 @@ def run(config: PipelineConfig) -> dict[str, Any]:
                               processed_dir)
     test_shards = pipeline.shard_paths(processed_dir, "test", marker)
     weights_path = checkpoint_path(run_dir)
-    fingerprint = _fingerprint(weights_path, marker)
+    temperature = calibration.load_temperature(layout, run_id)
+    fingerprint = _fingerprint(weights_path, marker, temperature)
     report_dir = layout.report(run_id)
     report_marker = layout.report_marker(run_id)
     if storage.exists(report_marker):
@@ -139,6 +140,8 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     dataset = pipeline.make_dataset(processed_dir, "test", run_config.train.per_replica_batch_size, training=False,
                                     config=run_config, with_metadata=True)
     labels, probabilities, paths = predict_dataset(model, dataset)
+    # Calibrated, as the export serves them: the temperature training fitted on val (1 for older runs).
+    probabilities = calibration.apply_temperature(probabilities, temperature)
     expected = pipeline.num_records(marker, "test")
     if len(labels) != expected:
         raise BadInputError(f"read {len(labels)} test images from {processed_dir}, its marker lists {expected}")
@@ -168,10 +171,10 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     return metrics
 
 
-def _fingerprint(weights_path: str, marker: dict[str, Any]) -> str:
+def _fingerprint(weights_path: str, marker: dict[str, Any], temperature: float) -> str:
     test_shards = sorted((shard["name"], shard["sha256"]) for shard in marker["shards"] if shard["split"] == "test")
     payload = {"version": REPORT_VERSION, "weights_sha256": storage.sha256_file(weights_path),
-               "test_shards": test_shards}
+               "test_shards": test_shards, "temperature": temperature}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -9,9 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +23,7 @@ from pneumonia.data import pipeline, upstream
 from pneumonia.errors import EXIT_PREEMPTED, BadInputError, ConfigError, PeerLostError, UpstreamMissingError
 from pneumonia.layout import Layout
 from pneumonia.logs import get_logger
-from pneumonia.model import zoo
+from pneumonia.model import export, zoo
 from pneumonia.model.metrics import build_metrics
 from pneumonia.training import peers
 from pneumonia.training.callbacks import (
@@ -42,8 +39,6 @@ from pneumonia.training.input_position import InputPosition, start_step_variable
 log = get_logger(__name__)
 
 MONITOR = "val_cohen_kappa"
-BEST_WEIGHTS_NAME = "best.weights.h5"
-MODEL_FORMAT = "tf_keras SavedModel (load with tf_keras.models.load_model(path, compile=False))"
 # Keys that steer only this process or where and from what image it runs, not what is trained, are
 # declared in config.py (resume=FREE or RECORDED): a resume may change them.
 _RESUME_MAY_CHANGE = (FREE, RECORDED)
@@ -264,7 +259,7 @@ def run(config: PipelineConfig) -> dict[str, Any] | None:
     stopped = lambda: any(backup.cut_short for backup in backups)  # noqa: E731 - an epoch cut short by SIGTERM
     history = HistoryRecorder(history_path if spec.is_chief else None, meta, previous.get("epochs"),
                               images_per_step=global_batch, skip=stopped)
-    best = BestWeights(storage.join(layout.checkpoints(run_id), BEST_WEIGHTS_NAME), spec.is_chief,
+    best = BestWeights(layout.best_weights(run_id), spec.is_chief,
                        monitor=MONITOR, skip=stopped)
     limit = EpochLimit(config.train.max_epochs_this_process)
     try:
@@ -322,7 +317,6 @@ def _finish(model: keras.Model, config: PipelineConfig, layout: Layout, spec: cl
     run_id = config.train.run_id
     checksum = weights_sha256(model)
     log.info("training finished", weights_sha256=checksum, is_chief=spec.is_chief, epochs=len(history.epochs))
-    _export(model, layout.model(run_id), spec.is_chief)
     if not spec.is_chief:
         # Leave only once the chief has written the run: a chief that fails before that is
         # retried, and its retry must find this worker's pod still there to form the cluster.
@@ -335,16 +329,23 @@ def _finish(model: keras.Model, config: PipelineConfig, layout: Layout, spec: cl
     history.write(complete=True)
     best_path = best.destination
     saved = best.saved or {}  # what the best-weights file holds, read from the file's own record
+    best_record = {"monitor": MONITOR, "value": saved.get("value"), "epoch": saved.get("epoch")}
+    # The export holds the best weights (what evaluate scores), not the last epoch's, in float32
+    # rather than the training policy, with the temperature fitted on val (chief only: the
+    # model is rebuilt outside the strategy, and no other worker has anything to add).
+    exported = export.export_run(layout, run_id)
     done = {
         "run_id": run_id,
         "config": config.to_dict(),
         "final_metrics": history.epochs[-1] if history.epochs else {},
-        "best": {"monitor": MONITOR, "value": saved.get("value"), "epoch": saved.get("epoch")},
+        "best": best_record,
         "weights_sha256": checksum,
         "best_weights": best_path,
         "best_weights_sha256": storage.sha256_file(best_path) if storage.exists(best_path) else None,
-        "model": layout.model(run_id),
-        "model_format": MODEL_FORMAT,
+        "model": layout.model(run_id),  # the base path servers take (TF Serving, KServe's storageUri)
+        "model_format": exported["format"],
+        "export": {**exported, **{f"best_{key}": value for key, value in best_record.items()}},
+        "calibration": layout.calibration(run_id),
         "num_workers": spec.num_workers,
         "num_replicas": history.meta["num_replicas"],
         "global_batch_size": history.meta["global_batch_size"],
@@ -353,30 +354,8 @@ def _finish(model: keras.Model, config: PipelineConfig, layout: Layout, spec: cl
     storage.write_json(layout.run_marker(run_id), done)
     # After the marker: a crash before it must still find the backup and not retrain from zero.
     storage.remove_tree(layout.backup(run_id))
-    log.info("run written", run_dir=layout.run(run_id), best=done["best"])
+    log.info("run written", run_dir=layout.run(run_id), best=done["best"], temperature=exported["temperature"])
     return done
-
-
-def _export(model: keras.Model, destination: str, is_chief: bool) -> None:
-    """Every worker saves (saving may read synchronized variables); only the chief's copy is kept."""
-    scratch = tempfile.mkdtemp(prefix="pneumonia-export-")
-    try:
-        if is_chief and storage.is_gcs(destination):
-            # GCS has no folder rename; evaluate trusts the export only once the run marker exists.
-            storage.remove_tree(destination)
-            model.save(destination, save_format="tf", include_optimizer=False)
-        elif is_chief:
-            local = os.path.join(scratch, "model")
-            model.save(local, save_format="tf", include_optimizer=False)
-            storage.remove_tree(destination)
-            storage.makedirs(os.path.dirname(destination))
-            shutil.move(local, destination)
-        else:
-            model.save(os.path.join(scratch, "model"), save_format="tf", include_optimizer=False)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    if is_chief:
-        log.info("model exported", path=destination, format=MODEL_FORMAT)
 
 
 def _already_finished(layout: Layout, config: PipelineConfig) -> dict[str, Any] | None:

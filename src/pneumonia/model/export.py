@@ -1,0 +1,115 @@
+"""The run's export, runs/<id>/model/1/: the weights evaluate scores, in float32, calibrated, serving image files.
+
+A tf_keras SavedModel, in the version folder TF Serving expects under the base path runs/<id>/model/. `tf_keras.models.load_model(path, compile=False)` gives the Keras model on
+shard-sized images in [0, 1]; its `serving_default` signature is what model servers call (TF
+Serving, Vertex AI, KServe's TensorFlow runtime):
+
+    inputs:  image_bytes    tf.string [None]     encoded JPEG or PNG files, any size, gray or RGB
+    outputs: probabilities  tf.float32 [None, 3] calibrated, in CLASS_NAMES order
+             class          tf.string [None]     the most probable class name
+
+It decodes, resizes and pads in the graph with the shard stage's own function, then stores and
+reads back the pixels as the run's shards do (imaging.model_input), so a served file becomes the
+very input the model trained on and evaluate scored. Servers base64-decode inputs named `*_bytes`
+sent as {"b64": ...}.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from pneumonia import storage
+from pneumonia.config import CLASS_NAMES, ShardConfig
+from pneumonia.data import imaging, pipeline
+from pneumonia.layout import Layout
+from pneumonia.logs import get_logger
+from pneumonia.model import calibration
+from pneumonia.training.callbacks import weights_sha256
+from pneumonia.training.evaluate import load_trained_model, predict_dataset
+
+log = get_logger(__name__)
+
+SIGNATURE = "serving_default"
+INPUT_KEY = "image_bytes"
+MODEL_FORMAT = ("tf_keras SavedModel, float32 (load with tf_keras.models.load_model(path, compile=False)); "
+                "signature serving_default: image_bytes (string [None]) -> probabilities (float32 [None, 3], "
+                "calibrated), class (string [None])")
+
+
+def serving_function(model: keras.Model, temperature: float, shard: ShardConfig) -> Any:
+    """The `serving_default` tf.function: encoded image files -> calibrated probabilities and class names."""
+    class_names = tf.constant(CLASS_NAMES)
+    height, width, channels = shard.image_height, shard.image_width, shard.channels
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_KEY)])
+    def serve(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+        images = tf.map_fn(lambda one: imaging.model_input(one, height, width, channels, shard.encoding), image_bytes,
+                           fn_output_signature=tf.TensorSpec([height, width, channels], tf.float32))
+        probabilities = apply_temperature(model(images, training=False), temperature)
+        return {"probabilities": probabilities, "class": tf.gather(class_names, tf.argmax(probabilities, axis=1))}
+
+    return serve
+
+
+def apply_temperature(probabilities: tf.Tensor, temperature: float) -> tf.Tensor:
+    """calibration.apply_temperature as graph ops: softmax(log(p) / T)."""
+    log_p = tf.math.log(tf.maximum(tf.cast(probabilities, tf.float32), calibration.PROBABILITY_FLOOR))
+    return tf.nn.softmax(log_p / tf.constant(temperature, tf.float32), axis=-1)
+
+
+def save(model: keras.Model, temperature: float, shard: ShardConfig, destination: str) -> None:
+    """Writes the SavedModel to `destination` (local or gs://); locally to a temp folder first, then moved."""
+    serve = serving_function(model, temperature, shard)
+    options = {"save_format": "tf", "include_optimizer": False, "signatures": {SIGNATURE: serve}}
+    if storage.is_gcs(destination):
+        # GCS has no folder rename; evaluate and servers trust the export only once the run marker exists.
+        storage.remove_tree(destination)
+        model.save(destination, **options)
+        return
+    scratch = tempfile.mkdtemp(prefix="pneumonia-export-")
+    try:
+        local = os.path.join(scratch, "model")
+        model.save(local, **options)
+        storage.remove_tree(destination)
+        storage.makedirs(os.path.dirname(destination))
+        shutil.move(local, destination)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def export_run(layout: Layout, run_id: str) -> dict[str, Any]:
+    """The chief's last step before the run marker: best weights -> float32 model -> T fitted on val
+    -> calibration.json -> model/. Returns what the run marker records about the export."""
+    model, run_config = load_trained_model(layout.run(run_id))  # float32, best.weights.h5
+    processed_dir = layout.processed(run_config.shard.size_dir)
+    val = pipeline.make_dataset(processed_dir, "val", run_config.train.per_replica_batch_size, training=False,
+                                config=run_config, with_metadata=True)
+    labels, probabilities, _ = predict_dataset(model, val)
+    record = calibration.calibration_record(probabilities, labels)
+    storage.write_json(layout.calibration(run_id), record)
+    log.info("calibration fitted", **record)
+    destination = layout.saved_model(run_id)
+    save(model, record["temperature"], run_config.shard, destination)
+    log.info("model exported", path=destination, temperature=record["temperature"])
+    return {"path": destination, "format": MODEL_FORMAT, "dtype": "float32", "weights": layout.best_weights(run_id),
+            "weights_sha256": weights_sha256(model), "temperature": record["temperature"]}
+
+
+class ServedModel:
+    """An export loaded as a model server loads it (local or gs://), called on encoded image files."""
+
+    def __init__(self, model_dir: str) -> None:
+        self._loaded = tf.saved_model.load(model_dir)  # owns the variables the signature reads
+        self.signature = self._loaded.signatures[SIGNATURE]
+
+    def __call__(self, files: list[bytes]) -> tuple[np.ndarray, list[str]]:
+        """(calibrated probabilities [N, 3], class names) for the files' bytes, in order."""
+        outputs = self.signature(**{INPUT_KEY: tf.constant(files, tf.string)})
+        return outputs["probabilities"].numpy(), [name.decode("utf-8") for name in outputs["class"].numpy()]
