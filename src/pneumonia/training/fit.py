@@ -28,6 +28,7 @@ from pneumonia.layout import CONFIG_NAME, Layout
 from pneumonia.logs import get_logger
 from pneumonia.model import zoo
 from pneumonia.model.metrics import build_metrics
+from pneumonia.training import hparams
 from pneumonia.training.callbacks import (
     BestWeights,
     EpochLimit,
@@ -224,6 +225,7 @@ def run(config: PipelineConfig) -> dict[str, Any] | None:
 
     if spec.is_chief:
         storage.write_text(storage.join(layout.run(run_id), CONFIG_NAME), config.to_yaml())
+        hparams.write_run_hparams(layout.tensorboard(run_id), run_id, comparable_config(config.to_dict()))
     history_path = layout.history(run_id)
     previous = storage.read_json(history_path) if storage.exists(history_path) else {}
     meta = {
