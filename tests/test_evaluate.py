@@ -334,3 +334,24 @@ def test_test_shards_only_need_the_runs_split_and_encoding():
     with pytest.raises(BadInputError, match="another split"):
         evaluate.check_test_shards_fit_run("r", run_marker, run_config, {**same, "split_manifest_sha256": "b" * 64},
                                            "p")
+
+
+def test_report_shows_intervals_and_says_a_zero_width_one_is_not_certainty():
+    labels = np.repeat([0, 1, 2], 10)
+    perfect = np.eye(3)[labels] * 0.7 + 0.1
+    patients = [f"p{i // 2}" for i in range(30)]
+    metrics = {**report.compute_metrics(labels, perfect, CLASS_NAMES),
+               **uncertainty.bootstrap(labels, perfect, patients, CLASS_NAMES)}
+    text = report.render_markdown(metrics, run_id="r", source="s", checkpoint="c")
+    assert "| accuracy | 1.000 [1.000, 1.000] |" in text
+    assert "1000 resamples of the 15 test patients" in text
+    assert "with 15 patients, an error rate up to about 20 %" in text
+
+    noisy = perfect.copy()
+    noisy[:6] = [0.1, 0.8, 0.1]  # three normal patients' films called bacteria
+    metrics = {**report.compute_metrics(labels, noisy, CLASS_NAMES),
+               **uncertainty.bootstrap(labels, noisy, patients, CLASS_NAMES)}
+    text = report.render_markdown(metrics, run_id="r", source="s", checkpoint="c")
+    low, high = metrics["ci95"]["recall"]["normal"]
+    assert low < 0.4 < high and f"| normal | {metrics['per_class']['normal']['precision']:.3f} [" in text
+    assert f"| 0.400 [{low:.3f}, {high:.3f}] |" in text and "rule of three" not in text

@@ -344,11 +344,20 @@ def bootstrap_note(metrics: Mapping[str, Any]) -> list[str]:
     lines = ["", f"95 % confidence intervals: patient-level bootstrap ({info['resamples']} resamples of the "
                  f"{info['num_patients']} test patients, whole patients drawn with replacement since a patient's "
                  f"films are not independent; seed {info['seed']}; percentiles 2.5 and 97.5)."]
+    if any(interval and interval[0] == interval[1] for interval in _top_intervals(metrics.get("ci95", {}))):
+        bound = 3 / info["num_patients"]
+        lines.append(f"An interval of zero width means every resample gave the same value (no errors, say); it is "
+                     f"not certainty: with {info['num_patients']} patients, an error rate up to about "
+                     f"{bound * 100:.0f} % (3 / patients, the rule of three) fits a test set without errors.")
     if info["undefined"]:
         left_out = ", ".join(f"{key} {count}" for key, count in info["undefined"].items())
         lines.append(f"Resamples where a value is undefined (a class without images or never predicted) are left "
                      f"out of its interval: {left_out}.")
     return lines
+
+
+def _top_intervals(ci95: Mapping[str, Any]) -> list[Sequence[float] | None]:
+    return [value for value in ci95.values() if not isinstance(value, Mapping)]
 
 
 def published_reference(labels: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
@@ -427,8 +436,9 @@ def plot_reliability(labels: np.ndarray, raw_probabilities: np.ndarray, probabil
         width = bins.edges[1] - bins.edges[0]
         top = figure.add_subplot(grid[0, column])
         top.bar(centres, np.nan_to_num(bins.accuracy), width=width, edgecolor="black", label="accuracy")
+        # Hatched, not filled: a gap below the accuracy (under-confidence) must not tint the bar it overlaps.
         top.bar(centres, np.nan_to_num(bins.confidence - bins.accuracy), bottom=np.nan_to_num(bins.accuracy),
-                width=width, color="red", alpha=0.3, label="gap to confidence")
+                width=width, fill=False, hatch="//", edgecolor="red", label="gap to mean confidence")
         top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
         ece = "n/a" if bins.ece is None else f"{bins.ece:.3f}"
         top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=f"{title}: ECE {ece}")
