@@ -41,3 +41,14 @@ def test_demo_pipeline_reaches_the_quality_bar(tmp_path: Path):
     manifest = json.loads((root / "splits" / "split.json").read_text())
     assert metrics["num_images"] == sum(manifest["counts"]["test"].values())
     assert metrics["cohen_kappa"] >= MIN_TEST_KAPPA, metrics
+
+    # The report's uncertainty, pneumonia-vs-normal view and calibration, and the runs listing.
+    assert set(metrics["ci95"]) == {"accuracy", "cohen_kappa", "macro_f1", "auc_macro", "precision", "recall"}
+    assert metrics["bootstrap"]["unit"] == "patient" and metrics["bootstrap"]["resamples"] >= 1000
+    assert metrics["binary"]["reference"]["same_test_set"] is False  # the demo's test/ is not the published set
+    assert set(metrics["calibration"]["ece"]) == {"before", "after"}
+    assert (run_dir / "report" / "reliability.png").is_file()
+    listing = subprocess.run([PYTHON, "-m", "pneumonia.runs", "--root", str(root)], env=subprocess_env(), cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0 and listing.stdout.splitlines()[1].split()[:4] == ["e2e", "finished",
+                                                                                      "small_cnn", "6/6"]

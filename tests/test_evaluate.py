@@ -27,7 +27,8 @@ from pneumonia.data import imaging, pipeline, preprocess, shard, tfrecords
 from pneumonia.errors import BadInputError, UpstreamMissingError
 from pneumonia.layout import Layout
 from pneumonia.model import calibration, export, zoo
-from pneumonia.training import evaluate, report
+from pneumonia.model.calibration import apply_temperature
+from pneumonia.training import evaluate, report, uncertainty
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_ID = "test-run"
@@ -122,9 +123,86 @@ def test_metrics_equal_scikit_learn_on_the_models_own_predictions(trained_run, e
         assert list(row["probabilities"].values()) == pytest.approx(list(by_path[row["path"]]), abs=1e-5)
 
 
+def model_outputs(trained_run: TrainedRun) -> tuple[list[tfrecords.Record], np.ndarray, np.ndarray]:
+    """The test records as stored, their labels, and the run's raw (uncalibrated) probabilities."""
+    records = read_test_records(trained_run.config)
+    images = np.stack([imaging.to_float(imaging.decode_stored(r.image, 32, 32, 1)).numpy() for r in records])
+    return records, np.array([r.label for r in records]), trained_run.model(images, training=False).numpy()
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, float]:
+    """tag -> value of every scalar in the event files of one TensorBoard run folder."""
+    found = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                found[value.tag] = float(tf.make_ndarray(value.tensor))
+    return found
+
+
+def test_patient_bootstrap_binary_view_and_calibration_are_in_metrics_report_and_tensorboard(trained_run, evaluated):
+    records, labels, probabilities = model_outputs(trained_run)
+    info = evaluated["bootstrap"]
+    assert info["unit"] == "patient" and info["resamples"] >= 1000
+    assert info["num_patients"] == len({r.patient for r in records}) < len(records)  # several films per patient
+    ci95 = evaluated["ci95"]
+    for key in ("accuracy", "cohen_kappa", "macro_f1", "auc_macro"):
+        low, high = ci95[key]
+        assert low <= evaluated[key] <= high
+    assert ci95["accuracy"][0] < ci95["accuracy"][1]
+    assert set(ci95["precision"]) == set(ci95["recall"]) == set(CLASS_NAMES)
+
+    binary = evaluated["binary"]
+    pneumonia, called = labels != 0, 1 - probabilities[:, 0] >= 0.5
+    assert binary["sensitivity"] == pytest.approx(np.mean(called[pneumonia]))
+    assert binary["specificity"] == pytest.approx(np.mean(~called[~pneumonia]))
+    assert binary["auc"] == pytest.approx(roc_auc_score(pneumonia, 1 - probabilities[:, 0]), abs=1e-6)
+    assert set(binary["ci95"]) == {"sensitivity", "specificity", "accuracy", "auc"}
+    # The demo archive has a test/ folder (official mode) but is not the published test set.
+    assert binary["reference"]["same_test_set"] is False and binary["reference"]["accuracy"] == 0.928
+
+    # No calibration.json in this run: T = 1, and ECE before equals after, computed by hand.
+    assert evaluated["calibration"]["temperature"] == 1.0
+    ece = uncertainty.reliability(labels, probabilities).ece
+    assert evaluated["calibration"]["ece"] == {"before": pytest.approx(ece, abs=1e-6), "after": pytest.approx(ece, abs=1e-6)}
+
+    text = (Path(trained_run.run_dir) / "report" / "report.md").read_text()
+    for heading in ("## Pneumonia versus normal", "## Calibration", "patient-level bootstrap", "Kermany et al. 2018",
+                    "Not comparable", "![reliability diagram](reliability.png)"):
+        assert heading in text
+    low, high = binary["ci95"]["sensitivity"]
+    assert f"| sensitivity | {binary['sensitivity']:.3f} [{low:.3f}, {high:.3f}] | 0.932 |" in text
+
+    scalars = tensorboard_scalars(Path(trained_run.run_dir) / "tensorboard" / "test")
+    assert scalars["accuracy"] == pytest.approx(evaluated["accuracy"])
+    assert scalars["sensitivity"] == pytest.approx(binary["sensitivity"])
+
+
+def test_the_runs_temperature_calibrates_what_evaluate_reports(trained_run, evaluated, tmp_path):
+    shutil.copytree(Path(trained_run.config.data.root), tmp_path / "data")
+    config = trained_run.config.replace(data=dataclasses.replace(trained_run.config.data, root=str(tmp_path / "data")))
+    run_dir = tmp_path / "data" / "runs" / RUN_ID
+    (run_dir / "calibration.json").write_text(json.dumps(
+        {"temperature": 2.5, "fitted_on": "val", "num_images": 10, "nll": {"before": 1.0, "after": 0.9}}))
+    calibrated = evaluate.run(config)  # the copied report's marker names T = 1: redone, not skipped
+
+    records, labels, raw = model_outputs(trained_run)
+    expected = apply_temperature(raw, 2.5)
+    rows = {row["path"]: row for row in map(json.loads, (run_dir / "report" / "predictions.jsonl").read_text().splitlines())}
+    for record, probabilities in zip(records, expected, strict=True):
+        assert list(rows[record.source_path]["probabilities"].values()) == pytest.approx(list(probabilities), abs=1e-5)
+    assert calibrated["calibration"]["temperature"] == 2.5
+    assert calibrated["calibration"]["ece"]["before"] == pytest.approx(evaluated["calibration"]["ece"]["before"])
+    assert calibrated["calibration"]["ece"]["after"] == pytest.approx(uncertainty.reliability(labels, expected).ece)
+    assert calibrated["calibration"]["ece"]["after"] != pytest.approx(calibrated["calibration"]["ece"]["before"])
+    assert calibrated["confusion_matrix"] == evaluated["confusion_matrix"]  # the argmax does not move
+    assert calibrated["binary"]["auc"] == pytest.approx(roc_auc_score(labels != 0, 1 - expected[:, 0]), abs=1e-6)
+    assert "Temperature T = 2.500" in (run_dir / "report" / "report.md").read_text()
+
+
 def test_report_files_plots_config_and_marker(trained_run, evaluated):
     folder = Path(trained_run.run_dir) / "report"
-    for name in ("confusion_matrix.png", "training_curves.png", "roc.png"):
+    for name in ("confusion_matrix.png", "training_curves.png", "roc.png", "reliability.png"):
         with Image.open(folder / name) as picture:
             picture.verify()  # raises for a truncated or invalid PNG
         with Image.open(folder / name) as picture:
@@ -133,7 +211,8 @@ def test_report_files_plots_config_and_marker(trained_run, evaluated):
     text = (folder / "report.md").read_text()
     for row in report.error_breakdown(evaluated["confusion_matrix"], CLASS_NAMES):
         assert report.error_sentence(row) in text
-    assert f"| accuracy | {evaluated['accuracy']:.4f} |" in text
+    low, high = evaluated["ci95"]["accuracy"]
+    assert f"| accuracy | {evaluated['accuracy']:.3f} [{low:.3f}, {high:.3f}] |" in text
     assert "training_seconds: 12.5" in text and "best val_cohen_kappa: 0.4000" in text
     saved = yaml.safe_load((folder / "config.yaml").read_text())
     assert saved["model"]["name"] == "small_cnn" and saved["shard"]["image_height"] == 32
@@ -257,3 +336,24 @@ def test_test_shards_only_need_the_runs_split_and_encoding():
     with pytest.raises(BadInputError, match="another split"):
         evaluate.check_test_shards_fit_run("r", run_marker, run_config, {**same, "split_manifest_sha256": "b" * 64},
                                            "p")
+
+
+def test_report_shows_intervals_and_says_a_zero_width_one_is_not_certainty():
+    labels = np.repeat([0, 1, 2], 10)
+    perfect = np.eye(3)[labels] * 0.7 + 0.1
+    patients = [f"p{i // 2}" for i in range(30)]
+    metrics = {**report.compute_metrics(labels, perfect, CLASS_NAMES),
+               **uncertainty.bootstrap(labels, perfect, patients, CLASS_NAMES)}
+    text = report.render_markdown(metrics, run_id="r", source="s", checkpoint="c")
+    assert "| accuracy | 1.000 [1.000, 1.000] |" in text
+    assert "1000 resamples of the 15 test patients" in text
+    assert "with 15 patients, an error rate up to about 20 %" in text
+
+    noisy = perfect.copy()
+    noisy[:6] = [0.1, 0.8, 0.1]  # three normal patients' films called bacteria
+    metrics = {**report.compute_metrics(labels, noisy, CLASS_NAMES),
+               **uncertainty.bootstrap(labels, noisy, patients, CLASS_NAMES)}
+    text = report.render_markdown(metrics, run_id="r", source="s", checkpoint="c")
+    low, high = metrics["ci95"]["recall"]["normal"]
+    assert low < 0.4 < high and f"| normal | {metrics['per_class']['normal']['precision']:.3f} [" in text
+    assert f"| 0.400 [{low:.3f}, {high:.3f}] |" in text and "rule of three" not in text

@@ -297,6 +297,9 @@ def test_stop_after_one_epoch_then_resume_across_the_warmup_switch(data_root: st
     assert marker["best"]["epoch"] == best_epoch
     assert marker["best"]["value"] == pytest.approx(history["epochs"][best_epoch]["val_cohen_kappa"])
     assert not (run_dir / "backup").exists()  # removed once the marker exists
+    tags = {value.tag for path in (run_dir / "tensorboard").glob("events.out.tfevents.*")
+            for event in tf.compat.v1.train.summary_iterator(str(path)) for value in event.summary.value}
+    assert "_hparams_/session_start_info" in tags  # the chief's HParams session, for TensorBoard's HParams tab
 
     exported = keras.models.load_model(str(run_dir / "model" / "1"), compile=False)
     probabilities = exported(np.zeros((2, 32, 32, 1), np.float32)).numpy()

@@ -4,7 +4,12 @@ Reads `runs/<run_id>/config.yaml` (the run's resolved config: model and shard si
 `runs/<run_id>/checkpoints/best.weights.h5` (tf_keras HDF5 weights of `zoo.build_model`), so it
 needs neither a Keras-serialized model nor custom-object registration, and works the same for a
 local folder and gs://. Writes report/{metrics.json, predictions.jsonl, report.md,
-confusion_matrix.png, training_curves.png, roc.png, config.yaml}, then report/_SUCCESS.json.
+confusion_matrix.png, training_curves.png, roc.png, reliability.png, config.yaml}, then
+report/_SUCCESS.json.
+
+The run's temperature (runs/<run_id>/calibration.json, fitted on val when training ended) is
+applied to the model's probabilities before anything is measured or written: predictions.jsonl and
+every metric use calibrated probabilities; only the ECE "before" uses the raw ones.
 """
 
 from __future__ import annotations
@@ -25,12 +30,12 @@ from pneumonia.errors import BadInputError, ConfigError
 from pneumonia.layout import CONFIG_NAME, Layout
 from pneumonia.logs import get_logger
 from pneumonia.model import calibration, zoo
-from pneumonia.training import report, run_end
+from pneumonia.training import hparams, report, run_end, uncertainty
 
 log = get_logger(__name__)
 
 # Bump when the report's content changes, so a finished report from older code is redone.
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 
 
 def checkpoint_path(run_dir: str) -> str:
@@ -74,17 +79,20 @@ def load_trained_model(run_dir: str) -> tuple[keras.Model, PipelineConfig]:
     return model, run_config
 
 
-def predict_dataset(model: keras.Model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(true class indices [N], probabilities [N, K], source paths) over a (image, label, metadata) dataset."""
+def predict_dataset(model: keras.Model, dataset: tf.data.Dataset
+                    ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """(true class indices [N], probabilities [N, K], source paths, patient ids) over a
+    (image, label, metadata) dataset."""
     infer = tf.function(lambda images: model(images, training=False))
-    labels, probabilities, paths = [], [], []
+    labels, probabilities, paths, patients = [], [], [], []
     for images, one_hot, metadata in dataset:
         probabilities.append(infer(images).numpy())
         labels.append(np.argmax(one_hot.numpy(), axis=1))
         paths += [path.decode("utf-8") for path in metadata["source_path"].numpy()]
+        patients += [patient.decode("utf-8") for patient in metadata["patient"].numpy()]
     if not labels:
-        return np.zeros(0, np.int64), np.zeros((0, len(CLASS_NAMES)), np.float32), []
-    return np.concatenate(labels), np.concatenate(probabilities), paths
+        return np.zeros(0, np.int64), np.zeros((0, len(CLASS_NAMES)), np.float32), [], []
+    return np.concatenate(labels), np.concatenate(probabilities), paths, patients
 
 
 def check_test_shards_fit_run(run_id: str, run_marker: dict[str, Any], run_config: PipelineConfig,
@@ -139,13 +147,14 @@ def run(config: PipelineConfig) -> dict[str, Any]:
 
     dataset = pipeline.make_dataset(processed_dir, "test", run_config.train.per_replica_batch_size, training=False,
                                     config=run_config, with_metadata=True)
-    labels, probabilities, paths = predict_dataset(model, dataset)
-    # Calibrated, as the export serves them: the temperature training fitted on val (1 for older runs).
-    probabilities = calibration.apply_temperature(probabilities, temperature)
+    labels, raw_probabilities, paths, patients = predict_dataset(model, dataset)
     expected = pipeline.num_records(marker, "test")
     if len(labels) != expected:
         raise BadInputError(f"read {len(labels)} test images from {processed_dir}, its marker lists {expected}")
+    probabilities = calibration.apply_temperature(raw_probabilities, temperature)
     metrics = {"run_id": run_id, **report.compute_metrics(labels, probabilities, CLASS_NAMES),
+               **_uncertainty(labels, probabilities, patients, run_config),
+               "calibration": report.calibration_summary(labels, raw_probabilities, probabilities, temperature),
                "checkpoint": weights_path, "test_shards": test_shards}
 
     history = _read_history(layout.history(run_id))
@@ -159,16 +168,30 @@ def run(config: PipelineConfig) -> dict[str, Any]:
                         report.plot_confusion_matrix(metrics["confusion_matrix"], CLASS_NAMES))
     storage.write_bytes(storage.join(report_dir, "training_curves.png"), report.plot_training_curves(history))
     storage.write_bytes(storage.join(report_dir, "roc.png"), report.plot_roc(labels, probabilities, CLASS_NAMES))
+    storage.write_bytes(storage.join(report_dir, "reliability.png"),
+                        report.plot_reliability(labels, raw_probabilities, probabilities, temperature))
     # The config that produced this report: this stage's, with the model and shard size it evaluated.
     resolved = config.replace(model=run_config.model, shard=run_config.shard)
     storage.write_text(storage.join(report_dir, CONFIG_NAME), resolved.to_yaml())
     headline = {key: metrics[key] for key in ("num_images", "accuracy", "cohen_kappa", "macro_f1", "auc_macro")}
+    hparams.write_test_metrics(layout.tensorboard(run_id), metrics)
     storage.write_json(report_marker, {"version": REPORT_VERSION, "run_id": run_id, "fingerprint": fingerprint,
                                        **headline})
     log.info("report written", report=storage.join(report_dir, "report.md"), **headline)
     print(f"report: {storage.join(report_dir, 'report.md')}  " + "  ".join(
         f"{key}={_short(value)}" for key, value in headline.items()), flush=True)
     return metrics
+
+
+def _uncertainty(labels: np.ndarray, probabilities: np.ndarray, patients: list[str],
+                 run_config: PipelineConfig) -> dict[str, Any]:
+    """`ci95`, `binary` (beside the published reference when the test set is the archive's test/), `bootstrap`."""
+    if not len(labels):
+        return {}
+    found = uncertainty.bootstrap(labels, probabilities, patients, CLASS_NAMES)
+    if run_config.split.mode == "official":
+        found["binary"]["reference"] = report.published_reference(labels, CLASS_NAMES)
+    return found
 
 
 def _fingerprint(weights_path: str, marker: dict[str, Any], temperature: float) -> str:

@@ -25,7 +25,7 @@ from pneumonia.layout import Layout
 from pneumonia.logs import get_logger
 from pneumonia.model import export, zoo
 from pneumonia.model.metrics import build_metrics
-from pneumonia.training import peers
+from pneumonia.training import hparams, peers
 from pneumonia.training.callbacks import (
     BestWeights,
     EpochLimit,
@@ -228,6 +228,7 @@ def run(config: PipelineConfig) -> dict[str, Any] | None:
 
     if spec.is_chief:
         storage.write_text(layout.run_config(run_id), config.to_yaml())
+        hparams.write_run_hparams(layout.tensorboard(run_id), run_id, comparable_config(config.to_dict()))
     history_path = layout.history(run_id)
     previous = storage.read_json(history_path) if storage.exists(history_path) else {}
     meta = {

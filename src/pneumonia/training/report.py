@@ -19,6 +19,8 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import classification_report, cohen_kappa_score, confusion_matrix, roc_auc_score, roc_curve
 
+from pneumonia.training import uncertainty
+
 PLOT_DPI = 100
 
 
@@ -140,27 +142,32 @@ def _count(number: int, noun: str) -> str:
 
 def render_markdown(metrics: Mapping[str, Any], *, run_id: str, source: str, checkpoint: str,
                     history_summary: Mapping[str, Any] | None = None) -> str:
-    """report.md: headline numbers, a per-class table, the confusion matrix and the FP / FN answer."""
+    """report.md: headline numbers with their CIs, a per-class table, the confusion matrix, the FP / FN
+    answer, the pneumonia-vs-normal view and calibration."""
     names = metrics["class_names"]
+    ci95 = metrics.get("ci95", {})
     lines = [
         f"# Evaluation of run `{run_id}`",
         "",
         f"Test set: {metrics['num_images']} images from `{source}`. Model: `{checkpoint}`.",
         "",
-        "| metric | value |",
+        "| metric | value [95 % CI] |",
         "| --- | --- |",
     ]
     for label, key in (("accuracy", "accuracy"), ("Cohen's kappa", "cohen_kappa"), ("macro F1", "macro_f1"),
                        ("weighted F1", "weighted_f1"), ("macro AUC (one-vs-rest)", "auc_macro"),
                        ("macro false-positive rate", "fpr_macro")):
-        lines.append(f"| {label} | {_fmt(metrics.get(key))} |")
+        lines.append(f"| {label} | {with_ci(metrics.get(key), ci95.get(key))} |")
+    lines += bootstrap_note(metrics)
     lines += ["", "## Per class", "",
-              "| class | precision | recall | F1 | AUC (one-vs-rest) | false-positive rate | images |",
+              "| class | precision [95 % CI] | recall [95 % CI] | F1 | AUC (one-vs-rest) | false-positive rate | images |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for name in names:
         row = metrics["per_class"][name]
-        lines.append(f"| {name} | {_fmt(row['precision'])} | {_fmt(row['recall'])} | {_fmt(row['f1'])} | "
-                     f"{_fmt(row['auc'])} | {_fmt(row['fpr'])} | {row['support']} |")
+        precision = with_ci(row["precision"], ci95.get("precision", {}).get(name))
+        recall = with_ci(row["recall"], ci95.get("recall", {}).get(name))
+        lines.append(f"| {name} | {precision} | {recall} | {with_ci(row['f1'])} | "
+                     f"{with_ci(row['auc'])} | {with_ci(row['fpr'])} | {row['support']} |")
     lines += ["", "## Confusion matrix (rows: true class, columns: predicted class)", "",
               "| true \\ predicted | " + " | ".join(names) + " |",
               "| --- |" + " --- |" * len(names)]
@@ -180,10 +187,14 @@ def render_markdown(metrics: Mapping[str, Any], *, run_id: str, source: str, che
         lines.append(f"| {row['class']} | {row['false_negatives']} | {_pairs(row['false_negatives_as'])} | "
                      f"{row['false_positives']} | {_pairs(row['false_positives_from'])} | {more} |")
     lines += [""] + [f"- {error_sentence(row)}" for row in breakdown]
+    lines += binary_section(metrics.get("binary"))
+    lines += calibration_section(metrics.get("calibration"))
     if history_summary:
         lines += ["", "## Training", ""] + [f"- {key}: {_fmt(value)}" for key, value in history_summary.items()]
     lines += ["", "## Plots", "", "![confusion matrix](confusion_matrix.png)", "",
               "![training curves](training_curves.png)", "", "![ROC curves](roc.png)", ""]
+    if metrics.get("calibration"):
+        lines += ["![reliability diagram](reliability.png)", ""]
     return "\n".join(lines)
 
 
@@ -303,3 +314,136 @@ def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+# ---- Uncertainty, pneumonia versus normal, calibration (issue 11 sections 1-3) ----
+
+# Kermany et al., "Identifying Medical Diagnoses and Treatable Diseases by Image-Based Deep Learning",
+# Cell 2018: their binary pneumonia-vs-normal model on the archive's 624-image test/ folder.
+PUBLISHED_REFERENCE = {"source": "Kermany et al., Cell 2018", "accuracy": 0.928, "sensitivity": 0.932,
+                       "specificity": 0.901, "auc": 0.968}
+PUBLISHED_TEST_SET = {"normal": 234, "pneumonia": 390}
+
+
+def with_ci(value: Any, interval: Sequence[float] | None = None) -> str:
+    """'0.912 [0.889, 0.934]'; the value alone without an interval; 'n/a' when undefined."""
+    if value is None:
+        return "n/a"
+    if not isinstance(value, float):
+        return str(value)
+    if interval is None:
+        return f"{value:.3f}"
+    return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def bootstrap_note(metrics: Mapping[str, Any]) -> list[str]:
+    """How the intervals were made, and which resamples were left out of which value."""
+    info = metrics.get("bootstrap")
+    if not info:
+        return []
+    lines = ["", f"95 % confidence intervals: patient-level bootstrap ({info['resamples']} resamples of the "
+                 f"{info['num_patients']} test patients, whole patients drawn with replacement since a patient's "
+                 f"films are not independent; seed {info['seed']}; percentiles 2.5 and 97.5)."]
+    if any(interval and interval[0] == interval[1] for interval in _top_intervals(metrics.get("ci95", {}))):
+        bound = 3 / info["num_patients"]
+        lines.append(f"An interval of zero width means every resample gave the same value (no errors, say); it is "
+                     f"not certainty: with {info['num_patients']} patients, an error rate up to about "
+                     f"{bound * 100:.0f} % (3 / patients, the rule of three) fits a test set without errors.")
+    if info["undefined"]:
+        left_out = ", ".join(f"{key} {count}" for key, count in info["undefined"].items())
+        lines.append(f"Resamples where a value is undefined (a class without images or never predicted) are left "
+                     f"out of its interval: {left_out}.")
+    return lines
+
+
+def _top_intervals(ci95: Mapping[str, Any]) -> list[Sequence[float] | None]:
+    return [value for value in ci95.values() if not isinstance(value, Mapping)]
+
+
+def published_reference(labels: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    """The published pneumonia-vs-normal figures on the archive's test/, and whether this test set is that set.
+
+    Only the class counts can tell: the same 234 normal and 390 pneumonia images, or another archive
+    (the synthetic demo one has a test/ folder too) or a test set that lost images in preprocess.
+    """
+    normal = int(np.sum(np.asarray(labels) == list(class_names).index(uncertainty.NORMAL)))
+    counts = {"normal": normal, "pneumonia": int(len(labels)) - normal}
+    same = counts == PUBLISHED_TEST_SET
+    if same:
+        note = ("The same 624 test images, not the same model: the publication's is a binary classifier with "
+                "its own preprocessing; here a 3-class model's 1 - p(normal) at 0.5, with this suite's resize and "
+                "training split. A difference within the interval is no evidence either way.")
+    else:
+        note = (f"Not comparable: this test set ({counts['normal']} normal, {counts['pneumonia']} pneumonia) is "
+                f"not the published one ({PUBLISHED_TEST_SET['normal']} normal, "
+                f"{PUBLISHED_TEST_SET['pneumonia']} pneumonia): another archive (such as the synthetic demo "
+                "archive) or images dropped in preprocess. Shown for orientation only.")
+    return {**PUBLISHED_REFERENCE, "same_test_set": same, "test_set": counts, "note": note}
+
+
+def binary_section(binary: Mapping[str, Any] | None) -> list[str]:
+    """The pneumonia-vs-normal table, beside the published reference when there is one."""
+    if not binary:
+        return []
+    reference = binary.get("reference")
+    header = "| metric | this run [95 % CI] |" + (" Kermany et al. 2018 |" if reference else "")
+    lines = ["", "## Pneumonia versus normal", "",
+             f"Positive class: {binary['positive_class']}; score p(pneumonia) = {binary['score']}, called pneumonia "
+             f"at {binary['threshold']:g} or more (calibrated probabilities).", "",
+             header, "| --- | --- |" + (" --- |" if reference else "")]
+    for key in ("sensitivity", "specificity", "accuracy", "auc"):
+        row = f"| {'AUC' if key == 'auc' else key} | {with_ci(binary.get(key), binary['ci95'].get(key))} |"
+        lines.append(row + (f" {reference[key]:.3f} |" if reference else ""))
+    if reference:
+        lines += ["", reference["note"]]
+    return lines
+
+
+def calibration_summary(labels: np.ndarray, raw_probabilities: np.ndarray, probabilities: np.ndarray,
+                        temperature: float) -> dict[str, Any]:
+    """metrics.json's `calibration`: the temperature applied and the ECE before (raw) and after it."""
+    before = uncertainty.reliability(labels, raw_probabilities).ece
+    after = uncertainty.reliability(labels, probabilities).ece
+    return {"temperature": float(temperature), "ece": {"before": before, "after": after},
+            "num_bins": uncertainty.ECE_BINS}
+
+
+def calibration_section(summary: Mapping[str, Any] | None) -> list[str]:
+    if not summary:
+        return []
+    temperature = summary["temperature"]
+    fitted = (f"Temperature T = {temperature:.3f}, fitted on the validation split when training ended, divides "
+              "the log-probabilities of every reported probability." if temperature != 1.0 else
+              "T = 1: this run has no fitted temperature (runs/<run_id>/calibration.json is absent), so the "
+              "probabilities are the model's own.")
+    return ["", "## Calibration", "", fitted, "",
+            f"Expected calibration error ({summary['num_bins']} equal-width bins of the top-class confidence):", "",
+            "| probabilities | ECE |", "| --- | --- |",
+            f"| before temperature scaling | {with_ci(summary['ece']['before'])} |",
+            f"| after (T = {temperature:.3f}) | {with_ci(summary['ece']['after'])} |",
+            "", "The reliability diagram (`reliability.png`) shows accuracy against confidence per bin."]
+
+
+def plot_reliability(labels: np.ndarray, raw_probabilities: np.ndarray, probabilities: np.ndarray,
+                     temperature: float) -> bytes:
+    """Accuracy per confidence bin against the diagonal, before and after temperature scaling, counts below."""
+    figure = Figure(figsize=(10, 6), dpi=PLOT_DPI, layout="constrained")
+    grid = figure.add_gridspec(2, 2, height_ratios=(3, 1))
+    panels = (("before (raw)", raw_probabilities), (f"after (T = {temperature:.2f})", probabilities))
+    for column, (title, values) in enumerate(panels):
+        bins = uncertainty.reliability(labels, values)
+        centres = (bins.edges[:-1] + bins.edges[1:]) / 2
+        width = bins.edges[1] - bins.edges[0]
+        top = figure.add_subplot(grid[0, column])
+        top.bar(centres, np.nan_to_num(bins.accuracy), width=width, edgecolor="black", label="accuracy")
+        # Hatched, not filled: a gap below the accuracy (under-confidence) must not tint the bar it overlaps.
+        top.bar(centres, np.nan_to_num(bins.confidence - bins.accuracy), bottom=np.nan_to_num(bins.accuracy),
+                width=width, fill=False, hatch="//", edgecolor="red", label="gap to mean confidence")
+        top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+        ece = "n/a" if bins.ece is None else f"{bins.ece:.3f}"
+        top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=f"{title}: ECE {ece}")
+        top.legend(loc="upper left")
+        bottom = figure.add_subplot(grid[1, column], sharex=top)
+        bottom.bar(centres, bins.counts, width=width, color="grey", edgecolor="black")
+        bottom.set(xlabel="top-class confidence", ylabel="images")
+    return _png(figure)
