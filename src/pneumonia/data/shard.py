@@ -17,7 +17,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from pneumonia import cluster, storage
+from pneumonia import cluster, progress, storage
 from pneumonia.config import CLASS_NAMES, PipelineConfig
 from pneumonia.data import imaging, pipeline, preprocess, roundtrip, tfrecords
 from pneumonia.errors import BadInputError
@@ -305,7 +305,7 @@ def write_shards(out_dir: str, plans: list[ShardPlan], config: PipelineConfig, f
     # Parallel decode/resize/encode, but deterministic order: record i is row i of the plans.
     dataset = tf.data.Dataset.from_tensor_slices(sources).map(
         load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
-    iterator = iter(dataset)
+    iterator = progress.track(iter(dataset), "shard: resize and encode", len(sources), unit="records")
     for plan in plans:
         _write_shard(out_dir, plan, iterator, config, fingerprint)
 
