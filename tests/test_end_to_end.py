@@ -41,3 +41,6 @@ def test_demo_pipeline_reaches_the_quality_bar(tmp_path: Path):
     manifest = json.loads((root / "splits" / "split.json").read_text())
     assert metrics["num_images"] == sum(manifest["counts"]["test"].values())
     assert metrics["cohen_kappa"] >= MIN_TEST_KAPPA, metrics
+    # The plain demo has no shortcut to find (test_saliency plants one and expects the warning).
+    assert metrics["saliency"]["warnings"] == [], metrics["saliency"]
+    assert (run_dir / "report" / "gradcam.png").read_bytes().startswith(b"\x89PNG")

@@ -205,6 +205,18 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """What the evaluate stage draws besides the numbers."""
+
+    # Test images drawn with their Grad-CAM in gradcam.png (errors first); 0: no figure.
+    saliency_images: int = 12
+
+    def validate(self) -> None:
+        _require(0 <= self.saliency_images <= 200, "report.saliency_images", self.saliency_images,
+                 "between 0 and 200 (0: no gradcam.png)")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -212,6 +224,7 @@ class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def validate(self) -> PipelineConfig:
         for section in dataclasses.fields(self):

@@ -1,6 +1,6 @@
 """Class probabilities for images with a trained run, one JSON line per image on stdout.
 
-    python -m pneumonia.predict RUN_DIR IMAGE_OR_FOLDER [--batch-size N]
+    python -m pneumonia.predict RUN_DIR IMAGE_OR_FOLDER [--batch-size N] [--gradcam OUT_DIR]
 
 RUN_DIR is `runs/<run_id>` (local or gs://): its config.yaml says the model and the shard image
 size, checkpoints/best.weights.h5 holds the weights. A folder is searched recursively for
@@ -9,6 +9,9 @@ Each image is decoded and resized exactly as the shard stage does (`imaging.load
 ratio kept, padded), so the model sees what it saw in training. Output lines:
 
     {"path": "...", "probabilities": {"normal": 0.1, "bacteria": 0.8, "virus": 0.1}, "class": "bacteria"}
+
+`--gradcam OUT_DIR` also writes, per image, the image beside its Grad-CAM heatmap for the predicted
+class (`pneumonia.model.saliency`) to OUT_DIR/<path under IMAGE_OR_FOLDER, '/' as '__'>.gradcam.png.
 
 Logs go to stderr. Exit 2 for a missing run, image or folder, or an image that cannot be decoded.
 """
@@ -71,11 +74,48 @@ def predict(run_dir: str, paths: Sequence[str], batch_size: int = 32) -> Iterato
             yield {"path": path, "probabilities": probabilities, "class": CLASS_NAMES[int(np.argmax(row))]}
 
 
+def gradcam_name(path: str, images_arg: str) -> str:
+    """The heatmap's file name: the image's path under the folder given (its name for a file), flattened."""
+    base = images_arg.rstrip("/")
+    relative = path[len(base) + 1:] if path.startswith(base + "/") else path.rpartition("/")[2]
+    return relative.replace("/", "__") + ".gradcam.png"
+
+
+def write_gradcams(run_dir: str, paths: Sequence[str], out_dir: str, images_arg: str,
+                   batch_size: int = 32) -> list[str]:
+    """Writes each image's Grad-CAM (predicted class) beside the image to `out_dir`; returns the files.
+
+    Grad-CAM needs the Keras model's layers, not a serving signature: the model is rebuilt from the
+    run's config and best weights, as the evaluate stage does.
+    """
+    from pneumonia.model import saliency  # pulls in tf_keras and matplotlib; only when asked
+    from pneumonia.training.evaluate import load_trained_model
+
+    model, run_config = load_trained_model(run_dir)
+    shard = run_config.shard
+    gradcam = saliency.build_gradcam(model)
+    infer = tf.function(lambda images: model(images, training=False))
+    written = []
+    for start in range(0, len(paths), batch_size):
+        chunk = list(paths[start:start + batch_size])
+        images = tf.constant(np.stack([load_image(p, shard.image_height, shard.image_width, shard.channels)
+                                       for p in chunk]))
+        predicted = np.argmax(infer(images).numpy(), axis=1)
+        heatmaps = gradcam(images, tf.constant(predicted)).numpy()
+        for path, image, heatmap, index in zip(chunk, images.numpy(), heatmaps, predicted, strict=True):
+            destination = storage.join(out_dir, gradcam_name(path, images_arg))
+            storage.write_bytes(destination, saliency.plot_gradcam([(image, heatmap, None, CLASS_NAMES[index],
+                                                                     None)]))
+            written.append(destination)
+    return written
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pneumonia.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", metavar="RUN_DIR", help="runs/<run_id> (local folder or gs://)")
     parser.add_argument("images", metavar="IMAGE_OR_FOLDER", help="an image file or a folder searched recursively")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--gradcam", metavar="OUT_DIR", help="also write each image's Grad-CAM heatmap here")
     args = parser.parse_args(argv)
     configure_logging("predict", run_id=args.run_dir.rstrip("/").rpartition("/")[2] or "-")
     log = get_logger(__name__)
@@ -86,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("predicting", run_dir=args.run_dir, num_images=len(paths))
         for row in predict(args.run_dir, paths, args.batch_size):
             print(json.dumps(row), flush=True)
+        if args.gradcam:
+            written = write_gradcams(args.run_dir, paths, args.gradcam, args.images, args.batch_size)
+            log.info("gradcam written", out_dir=args.gradcam, num_images=len(written))
     except BadInputError as error:
         log.error("bad input", error=str(error), exit_code=EXIT_BAD_INPUT)
         return EXIT_BAD_INPUT

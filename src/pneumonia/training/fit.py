@@ -46,11 +46,13 @@ MODEL_FORMAT = "tf_keras SavedModel (load with tf_keras.models.load_model(path, 
 # Keys that steer only this process or where and from what image it runs, not what is trained: a
 # resume may change them. The image is among them because `make train-cluster RUN_ID=...` tags
 # every commit anew, and resuming after a fix is the point of resuming. The shard keys are the
-# shard stage's own (its writers, not the shards' content, which the shards' fingerprint covers).
+# shard stage's own (its writers, not the shards' content, which the shards' fingerprint covers);
+# the report keys are the evaluate stage's.
 _PROCESS_KEYS = {"train": ("max_epochs_this_process",),
                  "shard": ("num_workers", "index", "marker_wait_timeout_s"),
                  "cluster": ("upstream_wait_timeout_s", "peer_wait_timeout_s", "image", "gpu_type", "namespace",
-                             "train_job_name", "train_service_name", "worker_port")}
+                             "train_job_name", "train_service_name", "worker_port"),
+                 "report": ("saliency_images",)}
 
 
 @dataclass(frozen=True)
