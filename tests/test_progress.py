@@ -6,12 +6,16 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import structlog
+import tensorflow as tf
+import tf_keras as keras
 from structlog.testing import capture_logs
 
 from pneumonia import progress
 from pneumonia.logs import configure_logging
+from pneumonia.training.step_progress import StepProgress
 
 
 class FakeClock:
@@ -115,3 +119,24 @@ def test_configure_logging_picks_the_bar_for_a_console_and_lines_for_json():
     assert progress.settings().live is False
     configure_logging("preprocess", run_id="r", json_logs=False)
     assert progress.settings().live is True
+
+
+def test_training_reports_steps_within_each_epoch_and_images_per_second():
+    clock = FakeClock()
+    progress.configure(live=False, every_s=1.0, min_gap_s=1.0, clock=clock)
+
+    class Tick(keras.callbacks.Callback):  # each step takes half a second on the fake clock
+        def on_train_batch_begin(self, batch, logs=None):
+            clock.advance(0.5)
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    data = tf.data.Dataset.from_tensor_slices((np.ones((8, 3), np.float32), np.eye(2, dtype=np.float32)[[0, 1] * 4]))
+    with capture_logs() as events:
+        model.fit(data.batch(2).repeat(), epochs=2, steps_per_epoch=4, verbose=0,
+                  callbacks=[Tick(), StepProgress(steps_per_epoch=4, global_batch_size=2, epochs=2)])
+    summary = [(e["event"], e["task"], e["done"], e["epoch"]) for e in events if e.get("task", "").startswith("train")]
+    assert summary == [("progress", "train epoch 1/2", 2, 0), ("progress done", "train epoch 1/2", 4, 0),
+                       ("progress", "train epoch 2/2", 2, 1), ("progress done", "train epoch 2/2", 4, 1)]
+    done = [e for e in events if e["event"] == "progress done"]
+    assert all(e["images_per_s"] == 4.0 and e["total"] == 4 and e["unit"] == "steps" for e in done)
