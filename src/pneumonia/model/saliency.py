@@ -33,10 +33,10 @@ BORDER_FRACTION = 0.15
 # The saliency mass is the map where it reaches half its peak over the content: the faint rest,
 # spread over the whole film, would pull every class towards the band's share of the area (measured
 # on the demo with a planted corner marker: 57 % for the marked class with it, 80 % without, while
-# the other classes stay at 25 % and the plain demo's classes at 5-12 %).
+# the other classes stay near 25 % and the plain demo's classes at 5-25 %).
 SALIENT_LEVEL = 0.5
 # The band is 1 - 0.7 x 0.7 = 51 % of the content's area, so a map with no preference puts about
-# half its mass there, while maps that follow the lungs (the plain demo: 5-12 %) put much less.
+# half its mass there, while maps that follow the lungs (the plain demo: 5-25 %) put much less.
 # More than half in the border means the class is looked for there rather than in the lungs...
 BORDER_SHARE_WARN = 0.5
 # ...and 0.15 above the other classes' mean says it is that class's own cue, not a model that looks
