@@ -52,3 +52,6 @@ def test_demo_pipeline_reaches_the_quality_bar(tmp_path: Path):
                              capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0 and listing.stdout.splitlines()[1].split()[:4] == ["e2e", "finished",
                                                                                       "small_cnn", "6/6"]
+    # The plain demo has no shortcut to find (test_saliency plants one and expects the warning).
+    assert metrics["saliency"]["warnings"] == [], metrics["saliency"]
+    assert (run_dir / "report" / "gradcam.png").read_bytes().startswith(b"\x89PNG")

@@ -26,7 +26,7 @@ from pneumonia.config import CLASS_NAMES, PipelineConfig, load_config
 from pneumonia.data import imaging, pipeline, preprocess, shard, tfrecords
 from pneumonia.errors import BadInputError, UpstreamMissingError
 from pneumonia.layout import Layout
-from pneumonia.model import calibration, export, zoo
+from pneumonia.model import calibration, export, saliency, zoo
 from pneumonia.model.calibration import apply_temperature
 from pneumonia.training import evaluate, report, uncertainty
 
@@ -222,6 +222,20 @@ def test_report_files_plots_config_and_marker(trained_run, evaluated):
     marker_time = (folder / "_SUCCESS.json").stat().st_mtime_ns
     assert all(path.stat().st_mtime_ns <= marker_time for path in folder.iterdir())
     assert not [path for path in folder.iterdir() if path.name.startswith(".tmp-")]
+
+
+def test_the_report_carries_grad_cam_and_the_shortcut_check(trained_run, evaluated):
+    found = evaluated["saliency"]
+    assert list(found) == ["method", "border_share", "warnings"] and found["method"] == "grad-cam"
+    assert list(found["border_share"]) == list(CLASS_NAMES)
+    assert all(share is None or 0.0 <= share <= 1.0 for share in found["border_share"].values())
+    assert found["warnings"] == saliency.shortcut_warnings(found["border_share"])
+    folder = Path(trained_run.run_dir) / "report"
+    assert "## Shortcut check" in (folder / "report.md").read_text()
+    with Image.open(folder / "gradcam.png") as picture:
+        # report.saliency_images (12 by default) pairs, three to a row: 4 rows of 6 panels
+        expected = min(trained_run.config.report.saliency_images, evaluated["num_images"])
+        assert picture.format == "PNG" and picture.size == (6 * 200, -(-expected // 3) * 230)
 
 
 def test_a_second_run_skips_and_a_new_checkpoint_redoes(trained_run, evaluated):

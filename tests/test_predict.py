@@ -111,3 +111,19 @@ def test_a_run_dir_copied_elsewhere_still_predicts(trained_run, image_folder, tm
     shutil.copytree(trained_run.run_dir, copy)
     paths = predict.find_images(str(image_folder))
     assert list(predict.predict(str(copy), paths)) == list(predict.predict(trained_run.run_dir, paths))
+
+
+
+def test_gradcam_writes_each_scored_images_heatmap(trained_run, image_folder, tmp_path, capsys):
+    out_dir = tmp_path / "heatmaps"
+    assert predict.main([trained_run.run_dir, str(image_folder), "--gradcam", str(out_dir)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 3
+    written = sorted(path.name for path in out_dir.iterdir())
+    assert written == ["a.png.gradcam.png", "b.jpeg.gradcam.png", "nested__c.jpg.gradcam.png"]
+    for name in written:
+        picture = Image.open(out_dir / name)
+        assert picture.format == "PNG" and picture.width > picture.height  # the image beside its overlay
+    single = tmp_path / "one"
+    assert predict.main([trained_run.run_dir, str(image_folder / "b.jpeg"), "--gradcam", str(single)]) == 0
+    assert [path.name for path in single.iterdir()] == ["b.jpeg.gradcam.png"]

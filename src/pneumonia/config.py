@@ -181,7 +181,7 @@ class TrainConfig:
     # Workers agree whether one got SIGTERM every N steps (and at each epoch's end): an all-reduce
     # and a wait for the step, so not every step. A stop comes within N steps: keep N steps well
     # inside the pod's terminationGracePeriodSeconds.
-    preemption_check_every_n_steps: int = 20
+    preemption_check_every_n_steps: int = setting(20, resume=FREE)
     seed: int = 42
     # Stop after this many whole epochs in this process (tests use it to simulate a crash point).
     max_epochs_this_process: int = setting(0, resume=FREE)
@@ -237,6 +237,18 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """What the evaluate stage draws besides the numbers."""
+
+    # Test images drawn with their Grad-CAM in gradcam.png (errors first); 0: no figure.
+    saliency_images: int = setting(12, resume=FREE)  # evaluate draws it: a training run never depends on it
+
+    def validate(self) -> None:
+        _require(0 <= self.saliency_images <= 200, "report.saliency_images", self.saliency_images,
+                 "between 0 and 200 (0: no gradcam.png)")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -244,6 +256,7 @@ class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def validate(self) -> PipelineConfig:
         for section in dataclasses.fields(self):

@@ -40,6 +40,10 @@ def configure_logging(stage: str, run_id: str, worker: int | str = 0, *, json_lo
     structlog.contextvars.bind_contextvars(stage=stage, run_id=run_id, worker=worker)
     # TensorFlow's C++ and absl logs stay on their own channel; keep them to warnings and above.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from pneumonia import progress  # imports this module: bound here, not at import
+
+    # A live bar where people read colours; progress log lines where JSON goes to a log store.
+    progress.configure(live=not json_logs)
 
 
 def get_logger(name: str | None = None) -> Any:

@@ -1,6 +1,6 @@
 """Class probabilities for images with a trained run, one JSON line per image on stdout.
 
-    python -m pneumonia.predict RUN_DIR IMAGE_OR_FOLDER [--batch-size N]
+    python -m pneumonia.predict RUN_DIR IMAGE_OR_FOLDER [--batch-size N] [--gradcam OUT_DIR]
 
 RUN_DIR is `runs/<run_id>` (local or gs://). The images go, as encoded files, through the run's
 export (`model/1/`, its `serving_default` signature) exactly as a model server would send them: the
@@ -12,6 +12,9 @@ Output lines:
 
     {"path": "...", "probabilities": {"normal": 0.1, "bacteria": 0.8, "virus": 0.1}, "class": "bacteria"}
 
+`--gradcam OUT_DIR` also writes, per image, the image beside its Grad-CAM heatmap for the predicted
+class (`pneumonia.model.saliency`) to OUT_DIR/<path under IMAGE_OR_FOLDER, '/' as '__'>.gradcam.png.
+
 Logs go to stderr. Exit 2 for a missing run or export, image or folder, or an image that cannot be decoded.
 """
 
@@ -22,10 +25,12 @@ import json
 import sys
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from pneumonia import storage
-from pneumonia.config import CLASS_NAMES
+from pneumonia.config import CLASS_NAMES, ShardConfig
+from pneumonia.data import imaging
 from pneumonia.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, BadInputError
 from pneumonia.layout import Layout
 from pneumonia.logs import configure_logging, get_logger
@@ -84,11 +89,57 @@ def _raise_for_undecodable(served: export.ServedModel, paths: list[str], files: 
             raise BadInputError(f"{path} is not a decodable image: {error.message.splitlines()[0]}") from None
 
 
+def gradcam_name(path: str, images_arg: str) -> str:
+    """The heatmap's file name: the image's path under the folder given (its name for a file), flattened."""
+    base = images_arg.rstrip("/")
+    relative = path[len(base) + 1:] if path.startswith(base + "/") else path.rpartition("/")[2]
+    return relative.replace("/", "__") + ".gradcam.png"
+
+
+def write_gradcams(run_dir: str, paths: Sequence[str], out_dir: str, images_arg: str,
+                   batch_size: int = 32) -> list[str]:
+    """Writes each image's Grad-CAM (predicted class) beside the image to `out_dir`; returns the files.
+
+    Grad-CAM needs the Keras model's layers, not a serving signature: the model is rebuilt from the
+    run's config and best weights, as the evaluate stage does.
+    """
+    from pneumonia.model import saliency  # pulls in tf_keras and matplotlib; only when asked
+    from pneumonia.training.evaluate import load_trained_model
+
+    model, run_config = load_trained_model(run_dir)
+    shard = run_config.shard
+    gradcam = saliency.build_gradcam(model)
+    infer = tf.function(lambda images: model(images, training=False))
+    written = []
+    for start in range(0, len(paths), batch_size):
+        chunk = list(paths[start:start + batch_size])
+        images = tf.constant(np.stack([_model_input(path, shard) for path in chunk]))
+        predicted = np.argmax(infer(images).numpy(), axis=1)
+        heatmaps = gradcam(images, tf.constant(predicted)).numpy()
+        for path, image, heatmap, index in zip(chunk, images.numpy(), heatmaps, predicted, strict=True):
+            destination = storage.join(out_dir, gradcam_name(path, images_arg))
+            storage.write_bytes(destination, saliency.plot_gradcam([(image, heatmap, None, CLASS_NAMES[index],
+                                                                     None)]))
+            written.append(destination)
+    return written
+
+
+def _model_input(path: str, shard: ShardConfig) -> np.ndarray:
+    """One file -> the pixels the model sees for it (imaging.model_input, as the serving signature does)."""
+    try:
+        image = imaging.model_input(tf.constant(storage.read_bytes(path)), shard.image_height, shard.image_width,
+                                    shard.channels, shard.encoding)
+    except (tf.errors.InvalidArgumentError, ValueError) as error:
+        raise BadInputError(f"{path} is not a decodable image: {error}") from None
+    return image.numpy()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pneumonia.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", metavar="RUN_DIR", help="runs/<run_id> (local folder or gs://)")
     parser.add_argument("images", metavar="IMAGE_OR_FOLDER", help="an image file or a folder searched recursively")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--gradcam", metavar="OUT_DIR", help="also write each image's Grad-CAM heatmap here")
     args = parser.parse_args(argv)
     configure_logging("predict", run_id=args.run_dir.rstrip("/").rpartition("/")[2] or "-")
     log = get_logger(__name__)
@@ -99,6 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("predicting", run_dir=args.run_dir, num_images=len(paths))
         for row in predict(args.run_dir, paths, args.batch_size):
             print(json.dumps(row), flush=True)
+        if args.gradcam:
+            written = write_gradcams(args.run_dir, paths, args.gradcam, args.images, args.batch_size)
+            log.info("gradcam written", out_dir=args.gradcam, num_images=len(written))
     except BadInputError as error:
         log.error("bad input", error=str(error), exit_code=EXIT_BAD_INPUT)
         return EXIT_BAD_INPUT

@@ -3,6 +3,11 @@
 Tests, laptops and `make train-local` use it instead of the 1.2 GB real archive. Each class has a
 pattern a small CNN learns at 64x64: normal = two clear dark lungs; bacteria = one large bright
 opacity in one lung; virus = many bright streaks across both lungs.
+
+`--shortcut CLASS` plants a shortcut instead: that class's films look like another class's (normal's,
+or bacteria's for normal) and differ only by a bright marker in an upper corner, as laterality
+markers and burned-in text do on real films. A model reaches a high kappa on it by looking at the
+corner; the evaluate stage's shortcut check must say so.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ RGB_FRACTION = 0.04
 DUPLICATE_FRACTION = 0.10  # of train images also copied under the nested chest_xray/chest_xray/
 BOTH_CAUSES_FRACTION = 0.08  # virus patients whose personN id also has bacteria images, as in the real archive
 _ZIP_TIME = (2018, 1, 1, 0, 0, 0)  # fixed so the same seed gives a byte-identical zip
+# The marker's side and its distance from the film's edge, as fractions of the width: inside the
+# outer 15 % the shortcut check calls the border, like a real "L"/"R" marker.
+MARKER_SIZE = 0.09
+MARKER_INSET = 0.03
 _APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + b"\x00" * 94
 
 
@@ -116,8 +125,14 @@ def plan_images(num_images: int, seed: int) -> list[DemoImage]:
     return images
 
 
-def render_image(class_name: str, rng: np.random.Generator) -> np.ndarray:
-    """One synthetic radiograph (uint8 HxW): body, two lungs, spine, and the class's pattern."""
+def shortcut_lookalike(class_name: str) -> str:
+    """The class whose pattern a planted-shortcut class is drawn with."""
+    return "bacteria" if class_name == "normal" else "normal"
+
+
+def render_image(class_name: str, rng: np.random.Generator, marker: bool = False) -> np.ndarray:
+    """One synthetic radiograph (uint8 HxW): body, two lungs, spine, the class's pattern, and with
+    `marker` a bright square in an upper corner."""
     width = int(rng.integers(160, 401))
     height = int(np.clip(width * rng.uniform(0.8, 1.1), 160, 400))
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -156,6 +171,10 @@ def render_image(class_name: str, rng: np.random.Generator) -> np.ndarray:
 
     gain, offset = rng.uniform(0.85, 1.15), rng.uniform(-12, 12)
     image = image * gain + offset + rng.normal(0.0, rng.uniform(5, 10), image.shape)
+    if marker:
+        side, inset = round(MARKER_SIZE * width), round(MARKER_INSET * width)
+        left = inset if rng.random() < 0.5 else width - inset - side
+        image[inset:inset + side, left:left + side] = rng.uniform(225, 250)
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
@@ -169,14 +188,22 @@ def encode_jpeg(pixels: np.ndarray, rgb: bool, quality: int = 85) -> bytes:
     return buffer.getvalue()
 
 
-def build_archive(num_images: int = 300, seed: int = 0) -> bytes:
-    """The zip's bytes: images, directory entries, .DS_Store, __MACOSX/ forks, a nested partial copy."""
+def build_archive(num_images: int = 300, seed: int = 0, shortcut: str | None = None) -> bytes:
+    """The zip's bytes: images, directory entries, .DS_Store, __MACOSX/ forks, a nested partial copy.
+
+    `shortcut` names a class told apart only by a corner marker (see the module's docstring).
+    """
     if num_images < 10:
         raise ValueError(f"num_images={num_images} is too small: use at least 10 so every class gets images")
+    if shortcut is not None and shortcut not in CLASS_MIX:
+        raise ValueError(f"shortcut={shortcut!r} is not a class: use one of {', '.join(CLASS_MIX)}")
     images = plan_images(num_images, seed)
     rng = np.random.default_rng(seed + 1)
-    payloads = [encode_jpeg(render_image(image.class_name, rng), rgb=rng.random() < RGB_FRACTION)
-                for image in images]
+    payloads = []
+    for image in images:
+        planted = image.class_name == shortcut
+        pattern = shortcut_lookalike(image.class_name) if planted else image.class_name
+        payloads.append(encode_jpeg(render_image(pattern, rng, marker=planted), rgb=rng.random() < RGB_FRACTION))
     entries: list[tuple[str, bytes]] = []
     folders = ["chest_xray/"] + [f"chest_xray/{split}/" for split in ("test", "train", "val")]
     folders += [f"chest_xray/{split}/{cls}/" for split in ("test", "train", "val") for cls in ("NORMAL", "PNEUMONIA")]
@@ -206,9 +233,9 @@ def build_archive(num_images: int = 300, seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
-def make_demo_archive(out: str, num_images: int = 300, seed: int = 0) -> str:
+def make_demo_archive(out: str, num_images: int = 300, seed: int = 0, shortcut: str | None = None) -> str:
     """Writes the demo zip to `out` (local path or gs:// URL) through a temporary name; returns `out`."""
-    data = build_archive(num_images, seed)
+    data = build_archive(num_images, seed, shortcut)
     if out.startswith("gs://"):
         from pneumonia import storage  # imports TensorFlow; only needed for buckets
 
@@ -233,13 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="where to write the zip (local path or gs:// URL)")
     parser.add_argument("--num-images", type=int, default=300, help="images in the archive (default 300)")
     parser.add_argument("--seed", type=int, default=0, help="same seed, byte-identical zip (default 0)")
+    parser.add_argument("--shortcut", metavar="CLASS", choices=sorted(CLASS_MIX),
+                        help="plant a shortcut: CLASS looks like another class but for a corner marker")
     args = parser.parse_args(argv)
     try:
-        make_demo_archive(args.out, args.num_images, args.seed)
+        make_demo_archive(args.out, args.num_images, args.seed, args.shortcut)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out} ({args.num_images} images, seed {args.seed})")
+    planted = f", shortcut planted in {args.shortcut}" if args.shortcut else ""
+    print(f"wrote {args.out} ({args.num_images} images, seed {args.seed}{planted})")
     return 0
 
 

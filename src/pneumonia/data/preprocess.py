@@ -15,7 +15,7 @@ import os
 import uuid
 from typing import Any
 
-from pneumonia import storage
+from pneumonia import progress, storage
 from pneumonia.config import CLASS_NAMES, INTERIM, PipelineConfig, settings_deciding
 from pneumonia.data import archive as archive_lib
 from pneumonia.data import split as split_lib
@@ -241,7 +241,7 @@ def _extract(zipped: Any, archive_path: str, listing: archive_lib.Listing, confi
     # within a depth in file order, so reads stream through the buffer instead of seeking back and forth.
     ordered = sorted(listing.candidates, key=lambda c: (c.depth, c.info.header_offset))
     with concurrent.futures.ThreadPoolExecutor(_NUM_WRITERS) as pool:
-        for candidate in ordered:
+        for candidate in progress.track(ordered, "preprocess: hash and decode-check", len(ordered)):
             try:
                 data = budget.read(zipped, candidate.info)
             except archive_lib.READ_ERRORS as error:

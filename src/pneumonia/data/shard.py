@@ -16,7 +16,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from pneumonia import cluster, storage
+from pneumonia import cluster, progress, storage
 from pneumonia.config import CLASS_NAMES, SHARDS, PipelineConfig, settings_deciding
 from pneumonia.data import imaging, pipeline, roundtrip, tfrecords, upstream
 from pneumonia.errors import BadInputError, StorageError
@@ -289,7 +289,7 @@ def _write_shards_once(out_dir: str, plans: list[ShardPlan], config: PipelineCon
     # Parallel decode/resize/encode, but deterministic order: record i is row i of the plans.
     dataset = tf.data.Dataset.from_tensor_slices(sources).map(
         load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
-    iterator = iter(dataset)
+    iterator = progress.track(iter(dataset), "shard: resize and encode", len(sources), unit="records")
     stored_wrong = []
     for plan in plans:
         try:

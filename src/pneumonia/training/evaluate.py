@@ -4,7 +4,7 @@ Reads `runs/<run_id>/config.yaml` (the run's resolved config: model and shard si
 `runs/<run_id>/checkpoints/best.weights.h5` (tf_keras HDF5 weights of `zoo.build_model`), so it
 needs neither a Keras-serialized model nor custom-object registration, and works the same for a
 local folder and gs://. Writes report/{metrics.json, predictions.jsonl, report.md,
-confusion_matrix.png, training_curves.png, roc.png, reliability.png, config.yaml}, then
+confusion_matrix.png, training_curves.png, roc.png, reliability.png, gradcam.png, config.yaml}, then
 report/_SUCCESS.json.
 
 The run's temperature (runs/<run_id>/calibration.json, fitted on val when training ended) is
@@ -23,13 +23,13 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from pneumonia import storage
+from pneumonia import progress, storage
 from pneumonia.config import CLASS_NAMES, PipelineConfig, from_dict, parse_config_yaml
 from pneumonia.data import pipeline
 from pneumonia.errors import BadInputError, ConfigError
 from pneumonia.layout import CONFIG_NAME, Layout
 from pneumonia.logs import get_logger
-from pneumonia.model import calibration, zoo
+from pneumonia.model import calibration, saliency, zoo
 from pneumonia.training import hparams, report, run_end, uncertainty
 
 log = get_logger(__name__)
@@ -147,8 +147,9 @@ def run(config: PipelineConfig) -> dict[str, Any]:
 
     dataset = pipeline.make_dataset(processed_dir, "test", run_config.train.per_replica_batch_size, training=False,
                                     config=run_config, with_metadata=True)
-    labels, raw_probabilities, paths, patients = predict_dataset(model, dataset)
     expected = pipeline.num_records(marker, "test")
+    labels, raw_probabilities, paths, patients = predict_dataset(
+        model, progress.track(dataset, "evaluate: predict", expected, count=_batch_size))
     if len(labels) != expected:
         raise BadInputError(f"read {len(labels)} test images from {processed_dir}, its marker lists {expected}")
     probabilities = calibration.apply_temperature(raw_probabilities, temperature)
@@ -156,6 +157,8 @@ def run(config: PipelineConfig) -> dict[str, Any]:
                **_uncertainty(labels, probabilities, patients, run_config),
                "calibration": report.calibration_summary(labels, raw_probabilities, probabilities, temperature),
                "checkpoint": weights_path, "test_shards": test_shards}
+    metrics["saliency"], gradcam_png = shortcut_check(model, run_config, processed_dir, test_shards, labels,
+                                                      probabilities, paths, config.report.saliency_images)
 
     history = _read_history(layout.history(run_id))
     source = f"{processed_dir}/test-* ({len(test_shards)} shards)"
@@ -163,7 +166,10 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     storage.write_text(storage.join(report_dir, "predictions.jsonl"), _predictions_jsonl(labels, probabilities, paths))
     markdown = report.render_markdown(metrics, run_id=run_id, source=source, checkpoint=weights_path,
                                       history_summary=report.history_summary(history))
+    markdown += saliency.render_markdown(metrics["saliency"])
     storage.write_text(storage.join(report_dir, "report.md"), markdown)
+    if gradcam_png is not None:
+        storage.write_bytes(storage.join(report_dir, "gradcam.png"), gradcam_png)
     storage.write_bytes(storage.join(report_dir, "confusion_matrix.png"),
                         report.plot_confusion_matrix(metrics["confusion_matrix"], CLASS_NAMES))
     storage.write_bytes(storage.join(report_dir, "training_curves.png"), report.plot_training_curves(history))
@@ -192,6 +198,21 @@ def _uncertainty(labels: np.ndarray, probabilities: np.ndarray, patients: list[s
     if run_config.split.mode == "official":
         found["binary"]["reference"] = report.published_reference(labels, CLASS_NAMES)
     return found
+
+
+def shortcut_check(model: keras.Model, run_config: PipelineConfig, processed_dir: str, test_shards: list[str],
+                   labels: np.ndarray, probabilities: np.ndarray, paths: list[str],
+                   num_images: int) -> tuple[dict[str, Any], bytes | None]:
+    """Grad-CAM over the test set, a second pass in the same order: (metrics' `saliency`, gradcam.png or None)."""
+    dataset = pipeline.make_dataset(processed_dir, "test", run_config.train.per_replica_batch_size, training=False,
+                                    config=run_config, with_metadata=True)
+    batches = progress.track(dataset, "evaluate: grad-cam", len(labels), count=_batch_size)
+    return saliency.check_test_set(model, batches, labels, probabilities, paths, saliency.read_geometry(test_shards),
+                                   CLASS_NAMES, num_images)
+
+
+def _batch_size(batch: tuple) -> int:
+    return int(batch[0].shape[0])
 
 
 def _fingerprint(weights_path: str, marker: dict[str, Any], temperature: float) -> str:

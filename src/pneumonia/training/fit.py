@@ -35,6 +35,7 @@ from pneumonia.training.callbacks import (
     weights_sha256,
 )
 from pneumonia.training.input_position import InputPosition, start_step_variable
+from pneumonia.training.step_progress import StepProgress
 
 log = get_logger(__name__)
 
@@ -276,6 +277,7 @@ def run(config: PipelineConfig) -> dict[str, Any] | None:
             if spec.is_chief:
                 callbacks.append(keras.callbacks.TensorBoard(layout.tensorboard(run_id), write_graph=False,
                                                              profile_batch=0))
+            callbacks.append(StepProgress(steps, global_batch, config.train.epochs))
             with strategy.scope():
                 zoo.set_backbone_trainable(model, phase.backbone_trainable)
                 loss = WeightedCategoricalCrossentropy(weights) if weights else keras.losses.CategoricalCrossentropy()
