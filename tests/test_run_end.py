@@ -58,14 +58,16 @@ def test_a_run_that_fails_for_good_makes_evaluate_exit_at_once(tmp_path: Path, c
 
 
 def test_a_run_stopped_on_purpose_is_marked_until_it_is_resumed(data_root: str):
-    status, train_status, after_s = evaluate_while_training(data_root, "stop", "train.max_epochs_this_process=1")
+    two_epochs = "train.epochs=2"  # one before the stop, one after the resume
+    status, train_status, after_s = evaluate_while_training(data_root, "stop", two_epochs,
+                                                            "train.max_epochs_this_process=1")
     assert train_status == 0 and status == EXIT_BAD_INPUT and after_s < 30
     marker = ended(data_root, "stop")
     assert marker["status"] == "stopped" and "train.max_epochs_this_process=1" in marker["reason"]
 
-    done = run_end.train(tiny_config(data_root, "stop"))  # the resume removes the marker and finishes
+    done = run_end.train(tiny_config(data_root, "stop", two_epochs))  # the resume removes the marker, finishes
     assert done is not None and ended(data_root, "stop") is None
-    run_end.wait_for_finished_run(Layout(data_root), tiny_config(data_root, "stop"))  # returns at once
+    run_end.wait_for_finished_run(Layout(data_root), tiny_config(data_root, "stop", two_epochs))  # at once
 
 
 def test_an_end_marker_older_than_the_wait_gets_a_grace_period_for_a_resume(tmp_path: Path):
