@@ -361,7 +361,7 @@ def test_report_shows_intervals_and_says_a_zero_width_one_is_not_certainty():
     text = report.render_markdown(metrics, run_id="r", source="s", checkpoint="c")
     assert "| accuracy | 1.000 [1.000, 1.000] |" in text
     assert "1000 resamples of the 15 test patients" in text
-    assert "with 15 patients, an error rate up to about 20 %" in text
+    assert "with 15 patients, a true error rate up to about 20 %" in text
 
     noisy = perfect.copy()
     noisy[:6] = [0.1, 0.8, 0.1]  # three normal patients' films called bacteria

@@ -346,9 +346,10 @@ def bootstrap_note(metrics: Mapping[str, Any]) -> list[str]:
                  f"films are not independent; seed {info['seed']}; percentiles 2.5 and 97.5)."]
     if any(interval and interval[0] == interval[1] for interval in _top_intervals(metrics.get("ci95", {}))):
         bound = 3 / info["num_patients"]
-        lines.append(f"An interval of zero width means every resample gave the same value (no errors, say); it is "
-                     f"not certainty: with {info['num_patients']} patients, an error rate up to about "
-                     f"{bound * 100:.0f} % (3 / patients, the rule of three) fits a test set without errors.")
+        lines.append(f"An interval of zero width means every resample gave the same value (a perfect score, say); "
+                     f"it is not certainty: with {info['num_patients']} patients, a true error rate up to about "
+                     f"{bound * 100:.0f} % (the rule of three: 3 / patients) can still give a test set without "
+                     "errors.")
     if info["undefined"]:
         left_out = ", ".join(f"{key} {count}" for key, count in info["undefined"].items())
         lines.append(f"Resamples where a value is undefined (a class without images or never predicted) are left "
