@@ -130,6 +130,13 @@ def test_the_demo_plants_a_shortcut_only_when_asked():
         demo.build_archive(30, seed=2, shortcut="covid")
 
 
+def test_the_demo_command_plants_the_shortcut_it_is_given(tmp_path: Path, capsys):
+    out = tmp_path / "shortcut.zip"
+    assert demo.main(["--out", str(out), "--num-images", "30", "--seed", "2", "--shortcut", "virus"]) == 0
+    assert out.read_bytes() == demo.build_archive(30, seed=2, shortcut="virus")
+    assert "shortcut planted in virus" in capsys.readouterr().out
+
+
 def test_the_shortcut_section_of_the_report():
     text = saliency.render_markdown({"method": "grad-cam", "border_share": {"normal": 0.3, "bacteria": None,
                                                                             "virus": 0.61},

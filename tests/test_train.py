@@ -207,7 +207,7 @@ def test_resume_config_check_ignores_only_process_keys():
     base = load_config(None, ["train.run_id=r"]).to_dict()
     moved = load_config(None, ["train.run_id=r", "train.max_epochs_this_process=1",
                                "cluster.image=registry.example/pneumonia:v2", "cluster.gpu_type=nvidia-a100-80gb",
-                               "shard.num_workers=4"]).to_dict()  # a resume after a fix, on other GPUs
+                               "shard.num_workers=4", "report.saliency_images=3"]).to_dict()  # a resume after a fix, on other GPUs
     assert fit.comparable_config(base) == fit.comparable_config(moved)
     for setting in ("train.learning_rate=0.5", "cluster.num_workers=2", "shard.image_height=128"):
         changed = load_config(None, ["train.run_id=r", setting]).to_dict()
