@@ -13,6 +13,11 @@ one plan, so the plan and the record of what was injected live in files, not in 
 * the record, `<faults dir>/injected.log`: one line per fault, "<kind> <client> <method> <path>",
   appended (O_APPEND: whole lines even from several processes).
 
+A fault is answered by the fixture; the request never reaches the emulator. One consequence, real
+and worth knowing: after TF's upload PUT meets a 503, TF asks for the session's status with an
+empty PUT, which fake-gcs-server takes as the last chunk: the object is stored complete and EMPTY
+and TF reports success. Stages must therefore check what they wrote (what the tests exercise).
+
 Which request fails is a keyed hash of (seed, method, path without the query, how often this
 process has seen that request), not a shared random stream: a retried request (seen again) gets a
 fresh draw, and a stage whose requests come in a fixed order (one writer thread) meets the same
