@@ -36,6 +36,8 @@ def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulat
 
     `.env` goes to subprocesses (`env={**os.environ, **gcs_emulator.env}`); `.bucket` exists;
     `.endpoint` is the emulator's http URL. os.environ holds `.env` until the session ends.
+    `with gcs_emulator.faults(seed, rate) as counts:` fails a seeded fraction of both clients'
+    requests (503, 429, connection reset) and counts them; off by default (tests/gcs_faults.py).
     """
     emulator = GcsEmulator(tmp_path_factory.mktemp("gcs-emulator")).start()
     saved = {key: os.environ.get(key) for key in emulator.env}

@@ -13,9 +13,15 @@ one plan, so the plan and the record of what was injected live in files, not in 
 * the record, `<faults dir>/injected.log`: one line per fault, "<kind> <client> <method> <path>",
   appended (O_APPEND: whole lines even from several processes).
 
-Which request fails is a keyed hash of (seed, method, path, how often this process has seen that
-request), not a shared random stream, so the choice does not depend on how threads interleave, and
-a retried request (seen again) gets a fresh draw.
+A fault is answered by the fixture; the request never reaches the emulator. One consequence, real
+and worth knowing: after TF's upload PUT meets a 503, TF asks for the session's status with an
+empty PUT, which fake-gcs-server takes as the last chunk: the object is stored complete and EMPTY
+and TF reports success. Stages must therefore check what they wrote (what the tests exercise).
+
+Which request fails is a keyed hash of (seed, method, path without the query, how often this
+process has seen that request), not a shared random stream: a retried request (seen again) gets a
+fresh draw, and a stage whose requests come in a fixed order (one writer thread) meets the same
+faults on every run.
 """
 
 from __future__ import annotations
@@ -77,7 +83,8 @@ class FaultPlan:
             rate = (plan or {}).get("rates", {}).get(self.client, (plan or {}).get("rate", 0))
             if rate <= 0:
                 return None
-            key = f"{method} {path}"
+            # Without the query: an upload's session id is random, and would make the choice so.
+            key = f"{method} {path.split('?')[0]}"
             if plan.get("only") and plan["only"] not in key:
                 return None
             self._seen[key] += 1

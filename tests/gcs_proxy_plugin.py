@@ -41,7 +41,8 @@ def _upstream() -> tuple[bytes, int]:
 
 
 class GcsRoute(HttpProxyBasePlugin):
-    """Sends the GCS hosts to the emulator, refuses everything else, fixes TF's empty uploads."""
+    """Sends the GCS hosts to the emulator, refuses everything else, fixes TF's empty uploads, and
+    fails the requests the test's fault plan picks (gcs_faults.py) before they reach the emulator."""
 
     def before_upstream_connection(self, request: HttpParser) -> HttpParser | None:
         if request.host not in GCS_HOSTS:

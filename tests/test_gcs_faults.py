@@ -30,6 +30,10 @@ PRODUCTION_RETRIES = {"GCS_RETRY_CONFIG_MAX_RETRIES": "10"}
 SIZE_DIR = "32x32x1"
 NUM_IMAGES = 96  # each gs:// request costs ~70 ms through the proxy: keep the data tiny
 PIPELINE_ARGS = [*TINY, "train.epochs=1", "train.warmup_epochs=0"]
+# With this seed and rate 0.3 the shard stage's first upload PUT (its first shard) meets a 503 and
+# the status query after it does not: the emulator then stores that shard empty. The draws are
+# keyed by request (gcs_faults.FaultPlan), and shard uploads come from one thread, in order.
+SHARD_FAULT_SEED = 0
 
 
 def run_stage(name: str, args: list[str], env: dict[str, str], timeout_s: int) -> subprocess.CompletedProcess:
@@ -139,3 +143,21 @@ def test_whole_pipeline_on_gcs_with_faults_matches_a_fault_free_run(gcs_emulator
     print(f"\nthe pipeline survived {sum(counts.values())} injected faults: {dict(sorted(counts.items()))}; "
           f"seconds per stage: {seconds}")
     assert min(kinds.values()) > 0 and min(clients.values()) > 0, counts
+
+
+@pytest.mark.slow
+def test_shard_writes_again_a_shard_an_upload_fault_left_short(gcs_emulator, gcs_root: str,  # noqa: ANN001
+                                                               tmp_path: Path) -> None:
+    archive = make_demo_archive(str(tmp_path / "demo.zip"), num_images=48, seed=0)
+    reference = load_config(None, [f"data.root={tmp_path / 'reference'}", f"data.archive={archive}", *TINY])
+    preprocess.run(reference)
+    shard.run(reference)
+    args = [f"data.root={gcs_root}", f"data.archive={archive}", *TINY]
+    assert run_stage("preprocess", args, gcs_emulator.env, timeout_s=240).returncode == 0
+    with gcs_emulator.faults(seed=SHARD_FAULT_SEED, rate=0.3, kinds={"503": 1}, only="PUT /upload/") as counts:
+        result = run_stage("shard", args, gcs_emulator.env, timeout_s=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "shards stored with another size than written; writing them again" in result.stderr, counts
+    processed = f"processed/{SIZE_DIR}"
+    assert shard_checksums(f"{gcs_root}/{processed}") == shard_checksums(str(tmp_path / "reference" / processed))
+    print(f"\nshard survived {sum(counts.values())} injected faults: {dict(counts)}")

@@ -259,12 +259,13 @@ def test_bad_inputs_name_the_file_row_or_field(tmp_path: Path) -> None:
         shard.run(config_for(tmp_path))
     rows = make_interim(tmp_path, counts={"train": (2, 2, 2)})
     broken = rows[3]["path"]
-    (tmp_path / broken).write_bytes(b"this is not an image")
+    (tmp_path / broken).write_bytes(b"")  # what an upload that met a 503 left on GCS ("Input is empty")
     # Not what preprocess wrote (the manifest's sha256 says so): damaged in storage, retryable.
     with pytest.raises(StorageError, match=f"interim image .*{broken} differs from the split manifest's sha256.*"
                                            "rerun the preprocess stage"):
         shard.run(config_for(tmp_path))
     assert not (tmp_path / "processed" / SIZE_DIR / "_SUCCESS.json").exists()
+    (tmp_path / broken).write_bytes(b"this is not an image")
     rows[3]["sha256"] = hashlib.sha256(b"this is not an image").hexdigest()
     write_manifest(tmp_path, rows)
     # What preprocess vouched for, and it does not decode: bad input.

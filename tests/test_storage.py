@@ -222,3 +222,29 @@ def test_identity_changes_with_the_bytes_and_is_none_when_missing(any_root: str)
     assert first is not None and first == storage.identity(path)
     storage.write_bytes(path, b"second archive, longer")
     assert storage.identity(path) not in (None, first)
+
+
+def test_find_mismatched_names_missing_short_and_changed_files(any_root: str) -> None:
+    files = {"interim/a/one.png": b"first image", "interim/b/two.png": b"second", "splits/split.json": b"{}"}
+    for path, data in files.items():
+        storage.write_bytes(storage.join(any_root, path), data)
+    expected = {path: (len(data), storage.crc32c(data)) for path, data in files.items()}
+    assert storage.find_mismatched(any_root, expected) == {}
+    storage.write_bytes(storage.join(any_root, "interim/a/one.png"), b"")  # what a lost upload left
+    storage.remove(storage.join(any_root, "interim/b/two.png"))
+    wrong = storage.find_mismatched(any_root, {**expected, "interim/c/three.png": (3, storage.crc32c(b"abc"))})
+    assert wrong == {"interim/a/one.png": "0 bytes stored, 11 written", "interim/b/two.png": "missing",
+                     "interim/c/three.png": "missing"}
+    if storage.is_gcs(any_root):  # same size, other bytes: only the CRC32C tells (GCS keeps one per object)
+        storage.write_bytes(storage.join(any_root, "splits/split.json"), b"[]")
+        assert storage.find_mismatched(any_root, {"splits/split.json": expected["splits/split.json"]}) == {
+            "splits/split.json": f"CRC32C {storage.crc32c(b'[]')} stored, {storage.crc32c(b'{}')} written"}
+
+
+def test_copy_from_local_lands_the_same_bytes(any_root: str, tmp_path: Path) -> None:
+    local = tmp_path / "model.weights.h5"
+    local.write_bytes(os.urandom(50_000))
+    target = storage.join(any_root, "runs/r/checkpoints/best.weights.h5")
+    storage.copy_from_local(str(local), target)
+    assert storage.read_bytes(target) == local.read_bytes()
+    assert [name for name in storage.listdir(storage.join(any_root, "runs/r/checkpoints"))] == ["best.weights.h5"]

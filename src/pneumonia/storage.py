@@ -158,6 +158,32 @@ def write_json(path: str, payload: Any) -> None:
     write_bytes(path, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode("utf-8"))
 
 
+def copy_from_local(local_path: str, path: str) -> None:
+    """Copies a local file to `path` atomically, then checks the stored size (and CRC32C on gs://)
+    with one request, and copies again (bounded) if it differs: as write_bytes, for files made locally
+    (h5py writes only local files)."""
+    wanted = (os.path.getsize(local_path), _crc32c_b64(local_path))
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        with atomic_path(path) as temp:
+            tf.io.gfile.copy(local_path, temp, overwrite=True)
+        stored = _stored_size_and_crc32c(path)
+        if stored[0] == wanted[0] and stored[1] in (None, wanted[1]):
+            return
+        log.warning("stored file differs from what was written; copying it again", path=path, attempt=attempt,
+                    bytes_written=wanted[0], bytes_stored=stored[0])
+    raise StorageError(f"{path} still differs from {local_path} after {WRITE_ATTEMPTS} copies ({wanted[0]} bytes "
+                       f"written, {stored[0]} stored); the storage is failing: retry later")
+
+
+def _stored_size_and_crc32c(path: str) -> tuple[int, str | None]:
+    """(size, CRC32C) of a stored file; the CRC32C only on gs://, where GCS keeps it (one metadata request)."""
+    if is_gcs(path):
+        bucket_name, name = split_gcs(path)
+        blob = gcs_client().bucket(bucket_name).get_blob(name)
+        return (-1, None) if blob is None else (blob.size, blob.crc32c)
+    return os.path.getsize(path), None
+
+
 def copy_to_local(path: str, local_path: str) -> None:
     tf.io.gfile.copy(path, local_path, overwrite=True)
 

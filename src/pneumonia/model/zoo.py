@@ -100,14 +100,13 @@ def save_weights(model: keras.Model, path: str) -> None:
     """Saves `model`'s weights as HDF5 to `path` (local or gs://), atomically.
 
     h5py can only write a local file, so the weights go to a local temp file first and are then
-    copied under a temporary name beside `path` and renamed, as every other output.
+    copied under a temporary name beside `path`, renamed and checked, as every other output.
     """
     scratch = tempfile.mkdtemp(prefix="pneumonia-weights-")
     try:
         local = os.path.join(scratch, "model.weights.h5")  # the .h5 suffix selects the HDF5 format
         model.save_weights(local)
-        with storage.atomic_path(path) as temp:
-            tf.io.gfile.copy(local, temp, overwrite=True)
+        storage.copy_from_local(local, path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

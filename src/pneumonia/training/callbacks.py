@@ -219,8 +219,7 @@ class BestWeights(keras.callbacks.ModelCheckpoint):
             with h5py.File(self.filepath, "a") as weights:
                 weights.attrs[_BEST_EPOCH_ATTR] = self.saved["epoch"]
                 weights.attrs[_BEST_VALUE_ATTR] = self.saved["value"]
-            with storage.atomic_path(self.destination) as temp:
-                tf.io.gfile.copy(self.filepath, temp, overwrite=True)
+            storage.copy_from_local(self.filepath, self.destination)
             log.info("best weights", epoch=epoch, monitor=self.monitor, value=self.saved["value"],
                      path=self.destination)
 
