@@ -67,7 +67,11 @@ def apply_temperature(probabilities: tf.Tensor, temperature: float) -> tf.Tensor
 def save(model: keras.Model, temperature: float, shard: ShardConfig, destination: str) -> None:
     """Writes the SavedModel to `destination` (local or gs://); locally to a temp folder first, then moved."""
     serve = serving_function(model, temperature, shard)
-    options = {"save_format": "tf", "include_optimizer": False, "signatures": {SIGNATURE: serve}}
+    # No per-layer traces: every layer is a built-in that Keras rebuilds from its config, servers need
+    # only the signature, and tracing each layer made saving 5x slower (18 s against 3.4 s for the
+    # small CNN on 2 busy cores) and loading 3x slower.
+    options = {"save_format": "tf", "include_optimizer": False, "save_traces": False,
+               "signatures": {SIGNATURE: serve}}
     if storage.is_gcs(destination):
         # GCS has no folder rename; evaluate and servers trust the export only once the run marker exists.
         storage.remove_tree(destination)
