@@ -139,7 +139,7 @@ def _ulimit_settings() -> list[str]:
 
 _ENGINE_SETTINGS = [
     "[engine]",
-    "# crun 1.8 (Debian 12) refuses the hybrid cgroup v1/v2 layout of machines like this one; runc",
+    "# crun 1.8 (Debian 12) refuses the hybrid cgroup v1/v2 layout of such machines (issue 12); runc",
     "# runs there. Without systemd as init, cgroups are managed directly and events go to a file.",
     'runtime = "runc"',
     'cgroup_manager = "cgroupfs"',
