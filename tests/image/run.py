@@ -29,13 +29,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+# This checkout's code, manifests and Dockerfile, whichever checkout .venv was installed from.
+REPO = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(Path(__file__).parent), str(REPO / "src")]
 import pods  # noqa: E402
 
 from pneumonia import errors  # noqa: E402
 from pneumonia.k8s import manifests as mf  # noqa: E402
 
-REPO = mf.REPO_ROOT
 WORK = REPO / "build" / "image-test"
 LOGS = WORK / "logs"
 BASE = "localhost/pneumonia-base:image-test"
@@ -138,7 +139,7 @@ def _ulimit_settings() -> list[str]:
 
 _ENGINE_SETTINGS = [
     "[engine]",
-    "# crun 1.8 (Debian 12) refuses the hybrid cgroup v1/v2 layout of machines like this one; runc",
+    "# crun 1.8 (Debian 12) refuses the hybrid cgroup v1/v2 layout of such machines (issue 12); runc",
     "# runs there. Without systemd as init, cgroups are managed directly and events go to a file.",
     'runtime = "runc"',
     'cgroup_manager = "cgroupfs"',
@@ -256,9 +257,10 @@ def write_configmap(objects: list[dict], folder: Path) -> Path:
 
 def pipeline_objects(run_id: str, **train: object) -> list[dict]:
     """manifests/ patched as the launcher patches them, for a demo-sized config."""
-    config = pods.image_test_config(mf.CLUSTER_CONFIG.read_text(), (REPO / "jobs/configs/demo.yaml").read_text(),
+    config = pods.image_test_config((REPO / "jobs/configs/cluster.yaml").read_text(),
+                                    (REPO / "jobs/configs/demo.yaml").read_text(),
                                     data_root=DATA_IN_POD, run_id=run_id, **train)
-    return mf.build_manifests(mf.load_manifests(), config)
+    return mf.build_manifests(mf.load_manifests(REPO / "manifests"), config)
 
 
 def worker_network(train_job: dict) -> list[tuple[str, ...]]:
