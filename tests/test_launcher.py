@@ -497,7 +497,7 @@ def test_a_condition_rule_matches_only_the_status_it_names() -> None:
     not_disrupted = model("V1Pod", {"metadata": {"name": "p"}, "status": {
         "phase": "Failed", "conditions": [{"type": "DisruptionTarget", "status": "False"}], **exited("train", 2)}})
     assert st.describe_rule(*st.matching_rule(policy, not_disrupted)) == \
-        "podFailurePolicy rule #3: FailJob on exit code In [2]"
+        "podFailurePolicy rule #4: FailJob on exit code In [2]"
     on_false = copy.deepcopy(job)
     on_false["spec"]["podFailurePolicy"]["rules"][0]["onPodConditions"][0]["status"] = "False"
     policy = model("V1Job", on_false).spec.pod_failure_policy
@@ -515,16 +515,16 @@ def failed_train_job(message: str, condition: str = "FailureTarget") -> Any:
 def test_the_failure_report_reads_the_rule_the_job_controller_named() -> None:
     """Since 1.31 the Job's FailureTarget condition names the rule; the pod it names may be gone already."""
     job = failed_train_job(f"Container train for pod {NAMESPACE}/pneumonia-train-1-x failed with exit code 2 "
-                           "matching FailJob rule at index 2")
+                           "matching FailJob rule at index 3")
     state = st.job_state(job)
     fired = st.fired_rule(state, job.spec.pod_failure_policy)
-    assert (fired.pod, fired.number, fired.container, fired.exit_code) == ("pneumonia-train-1-x", 3, "train", 2)
+    assert (fired.pod, fired.number, fired.container, fired.exit_code) == ("pneumonia-train-1-x", 4, "train", 2)
     # Another pod, failed earlier with exit 1 (counted): its rule still comes from matching, and there is none.
     crashed = model("V1Pod", {"metadata": {"name": "pneumonia-train-0-a", "labels": {mf.LABEL_COMPLETION_INDEX: "0"}},
                               "status": {"phase": "Failed", **exited("train", 1)}})
     text = "\n".join(st.failure_report("train", job, [crashed], state))
     assert "pod pneumonia-train-1-x: container train exited 2: bad input or config" in text
-    assert "podFailurePolicy rule #3: FailJob on exit code In [2] (named by the Job controller)" in text
+    assert "podFailurePolicy rule #4: FailJob on exit code In [2] (named by the Job controller)" in text
     assert "pod pneumonia-train-0-a (index 0): container train exited 1" in text
     assert text.count("podFailurePolicy rule #") == 1
 
@@ -532,7 +532,7 @@ def test_the_failure_report_reads_the_rule_the_job_controller_named() -> None:
     reaped = model("V1Pod", {"metadata": {"name": "pneumonia-train-1-x"}, "status": {"phase": "Failed"}})
     assert st.matching_rule(job.spec.pod_failure_policy, reaped) is None
     text = "\n".join(st.failure_report("train", job, [reaped], state))
-    assert "podFailurePolicy rule #3: FailJob on exit code In [2] (named by the Job controller)" in text
+    assert "podFailurePolicy rule #4: FailJob on exit code In [2] (named by the Job controller)" in text
 
     on_condition = failed_train_job(f"Pod {NAMESPACE}/pneumonia-train-0-b has condition DisruptionTarget matching "
                                     "FailJob rule at index 0")  # not this policy's action at index 0: no guess
@@ -546,7 +546,7 @@ def test_older_clusters_fall_back_to_matching_the_rules() -> None:
     failed = model("V1Pod", {"metadata": {"name": "pneumonia-train-1-x"},
                              "status": {"phase": "Failed", **exited("train", 2)}})
     text = "\n".join(st.failure_report("train", job, [failed], state))
-    assert "podFailurePolicy rule #3: FailJob on exit code In [2]" in text and "named by" not in text
+    assert "podFailurePolicy rule #4: FailJob on exit code In [2]" in text and "named by" not in text
 
 
 @pytest.mark.parametrize(("message", "hint"), [

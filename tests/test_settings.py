@@ -29,7 +29,9 @@ from pneumonia.training import fit
 BEFORE_RESUME_MAY_CHANGE = {
     "train.max_epochs_this_process", "shard.num_workers", "shard.index", "shard.marker_wait_timeout_s",
     "cluster.upstream_wait_timeout_s", "cluster.peer_wait_timeout_s", "cluster.image", "cluster.gpu_type",
-    "cluster.namespace", "cluster.train_job_name", "cluster.train_service_name", "cluster.worker_port"}
+    "cluster.namespace", "cluster.train_job_name", "cluster.train_service_name", "cluster.worker_port",
+    # Added since, declared FREE where they were added: how often workers agree on a stop, what evaluate draws.
+    "train.preemption_check_every_n_steps", "report.saliency_images"}
 BEFORE_LAUNCHER_IGNORES = {"cluster.image"}
 BEFORE_INTERIM = {"data.max_uncompressed_bytes", "data.max_compression_ratio", "data.max_entries",
                   "data.max_entry_bytes", "split.mode", "split.seed", "split.val_fraction", "split.test_fraction",

@@ -158,7 +158,7 @@ def test_temperature_scaling_keeps_the_argmax_and_softens_above_one():
     probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     softened = apply_temperature(probabilities, 2.0)
     expected = np.exp(logits / 2.0) / np.exp(logits / 2.0).sum(axis=1, keepdims=True)
-    assert softened == pytest.approx(expected, abs=1e-9)
+    assert softened == pytest.approx(expected, abs=1e-6)  # float32, as the export computes it
     assert np.array_equal(softened.argmax(axis=1), probabilities.argmax(axis=1))
     assert np.all(softened.max(axis=1) <= probabilities.max(axis=1) + 1e-12)
     assert apply_temperature(probabilities, 1.0) == pytest.approx(probabilities, abs=1e-12)
