@@ -1,7 +1,8 @@
 """`make bench` keeps working: the data benchmark runs end to end on a few images and reports every contender.
 
 Speed is not asserted (that is the benchmark's job, on a quiet machine); what is checked is that
-each contender ran on the same images and that the byte counts are the ones its format implies.
+each contender ran on the same images and that the byte counts are the ones its format implies;
+the preemption benchmark runs its two workers and times every schedule.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,3 +40,20 @@ def test_data_benchmark_runs_and_reports_every_contender(tmp_path: Path) -> None
     assert 30.0 < shard["ours_jpeg"]["min_psnr_db"] < 80.0
     assert set(results["loader"]) == {"ours_png", "ours_jpeg", "directory", "notebook_tfrecord", "in_memory"}
     assert "decode floor" in completed.stdout and "loader" in completed.stdout
+
+
+@pytest.mark.slow
+def test_preemption_benchmark_runs_two_workers_and_times_every_schedule(tmp_path: Path) -> None:
+    out = tmp_path / "preemption.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_preemption.py"), "--steps", "6", "--rounds", "1",
+         "--every-n", "3", "--timeout-s", "500", "--out", str(out)],
+        capture_output=True, text=True, timeout=540, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["setup"]["workers"] == 2 and results["setup"]["steps_per_fit"] == 6
+    rows = {row["schedule"]: row for row in results["results"]}
+    assert set(rows) == {"every step", "every 3 steps", "epoch end only"}
+    assert [rows[name]["agreements_per_epoch"] for name in ("every step", "every 3 steps", "epoch end only")] == [6, 2, 1]
+    assert all(row["step_ms"] > 0 for row in rows.values())
+    assert "step ms" in completed.stdout

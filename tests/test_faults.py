@@ -152,6 +152,7 @@ def fault_then_run_to_end(job: IndexedJob, backup_dir: str, fault, once_the_surv
         job.run_to_end(END_TIMEOUT_S)
     finally:
         job.terminate()
+        print(job.summary())  # what each pod did and what the policy made of it (pytest -rP shows it)
     return backed_up
 
 
@@ -196,6 +197,7 @@ def test_sigterm_of_one_worker_stops_both_with_the_backup_and_resumes_both_there
         job.run_to_end(START_TIMEOUT_S + END_TIMEOUT_S)
     finally:
         job.terminate()
+        print(job.summary())
     # Both stopped at the same step with the backup saved, and exited 143: nobody's retries are spent.
     assert ends(job, 0) == ends(job, 1) == [(EXIT_PREEMPTED, "Ignore")], job.summary()
     assert job.attempts(preempted)[0].rule == 1  # DisruptionTarget; the other pod by its exit code
@@ -216,6 +218,7 @@ def test_a_worker_crashing_on_every_start_fails_the_job_and_only_its_index_pays(
         status = job.run_to_end(4 * START_TIMEOUT_S)
     finally:
         job.terminate()
+        print(job.summary())
     limit = TRAIN_JOB["spec"]["backoffLimitPerIndex"]
     assert status == "Failed" and job.reason == "FailedIndexes [1]", job.summary()
     assert ends(job, 1) == [(SIGKILL_EXIT, "Count")] * (limit + 1), job.summary()

@@ -1,7 +1,8 @@
-"""Peer lost or own failure: the errors TensorFlow raised in real two-worker runs on loopback, classified.
+"""Peer lost or own failure: the errors TensorFlow raises when a peer is gone, and look-alikes, classified.
 
-The messages are copied from the survivors' logs (tests/test_faults.py provokes them for real);
-the look-alikes are what a worker's own faults and the storage clients raise.
+Both peer messages are copied from survivors' logs on loopback (the reset one as far as the log
+line kept it); tests/test_faults.py provokes them end to end. The look-alikes are what a worker's
+own faults and the storage clients raise.
 """
 
 from __future__ import annotations
@@ -11,19 +12,18 @@ import tensorflow as tf
 
 from pneumonia.training.peers import is_peer_lost, named_tasks
 
-# Worker 1 SIGKILLed or stopped: worker 0's all-reduce, after the coordination service missed its heartbeats.
+# Worker 1 SIGKILLed (or SIGSTOPped) while worker 0 was busy: the coordination service missed its heartbeats.
 HEARTBEATS = ("{{function_node __wrapped__CollectiveReduceV2_Nordering_token_1_device_/job:worker/replica:0/task:0/"
               "device:CPU:0}} Collective ops is aborted by: Error reported from /job:worker/task:1: The following "
               "tasks are unhealthy (stopped sending heartbeats):\n/job:worker/replica:0/task:1\nThe tasks have "
               "crashed. Check the task logs for an earlier error, or scheduler events (e.g. preemption, eviction) "
               "to debug further.\nThe error could be from a previous operation. Restart your program to reset. "
               "[Op:CollectiveReduceV2] name: ")
-# Worker 1 SIGKILLed while worker 0 waited in the ring all-reduce: the TCP connection is reset at once.
-RESET = ("{{function_node __wrapped__CollectiveReduceV2_Nordering_token_1_device_/job:worker/replica:0/task:0/"
-         "device:CPU:0}} Collective ops is aborted by: Connection reset by peer\nAdditional GRPC error "
-         "information from remote target /job:worker/replica:0/task:1:\n:{\"grpc_status\":14, "
-         "\"grpc_message\":\"Connection reset by peer\"}\nThe error could be from a previous operation. "
-         "Restart your program to reset. [Op:CollectiveReduceV2]")
+# Worker 0 (the chief) SIGKILLed while worker 1 waited in the ring all-reduce: reset within 2.4 s.
+RESET = ("{{function_node __wrapped__CollectiveReduceV2_Nordering_token_1_device_/job:worker/replica:0/task:1/"
+         "device:CPU:0}} Collective ops is aborted by: recvmsg:Connection reset by peer\nAdditional GRPC error "
+         "information from remote target /job:worker/replica:0/task:0 while calling /tensorflow.WorkerService/")
+SURVIVORS = [(HEARTBEATS, 0), (RESET, 1)]
 
 
 def unavailable(message: str) -> tf.errors.OpError:
@@ -35,15 +35,21 @@ def test_the_task_named_is_the_culprit_not_the_device_the_op_ran_on() -> None:
     assert named_tasks("/job:worker/replica:0/task:12/device:CPU:0 and /job:chief/task:0: x") == {("chief", 0)}
 
 
-@pytest.mark.parametrize("message", [HEARTBEATS, RESET], ids=["heartbeats", "connection-reset"])
-def test_a_peer_gone_is_peer_lost_for_the_survivor(message: str) -> None:
+@pytest.mark.parametrize(("message", "survivor"), SURVIVORS, ids=["heartbeats", "connection-reset"])
+def test_a_peer_gone_is_peer_lost_for_the_survivor(message: str, survivor: int) -> None:
+    assert is_peer_lost(unavailable(message), "worker", survivor)
+    assert is_peer_lost(tf.errors.AbortedError(None, None, message), "worker", survivor)
+
+
+@pytest.mark.parametrize(("message", "survivor"), SURVIVORS, ids=["heartbeats", "connection-reset"])
+def test_an_error_that_names_this_worker_is_its_own(message: str, survivor: int) -> None:
+    # The other worker reading the same report: the cluster names it as the one that failed.
+    assert not is_peer_lost(unavailable(message), "worker", 1 - survivor)
+
+
+def test_a_reset_in_a_collective_that_names_no_task_is_still_a_peer() -> None:
+    message = "Collective ops is aborted by: Connection reset by peer [Op:CollectiveReduceV2]"
     assert is_peer_lost(unavailable(message), "worker", 0)
-    assert is_peer_lost(tf.errors.AbortedError(None, None, message), "worker", 0)
-
-
-def test_an_error_that_names_this_worker_is_its_own() -> None:
-    # Worker 1 reading the same report: the cluster says worker 1 is the one that stopped.
-    assert not is_peer_lost(unavailable(HEARTBEATS), "worker", 1)
 
 
 @pytest.mark.parametrize("error", [
