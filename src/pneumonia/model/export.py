@@ -95,7 +95,7 @@ def export_run(layout: Layout, run_id: str) -> dict[str, Any]:
     processed_dir = layout.processed(run_config.shard.size_dir)
     val = pipeline.make_dataset(processed_dir, "val", run_config.train.per_replica_batch_size, training=False,
                                 config=run_config, with_metadata=True)
-    labels, probabilities, _ = predict_dataset(model, val)
+    labels, probabilities = predict_dataset(model, val)[:2]
     record = calibration.calibration_record(probabilities, labels)
     storage.write_json(layout.calibration(run_id), record)
     log.info("calibration fitted", **record)
