@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from pneumonia.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED
+from pneumonia.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_PEER_LOST, EXIT_PREEMPTED
 from pneumonia.k8s import manifests as mf
 from pneumonia.k8s.client import KubeClient
 
@@ -211,6 +211,7 @@ def fired_rule(state: JobState, policy: Any) -> FiredRule | None:
 _EXIT_HINTS = {
     EXIT_BAD_INPUT: "bad input or config: fix what the log says; retrying cannot help",
     EXIT_PREEMPTED: "stopped after saving a backup (preemption); replaced without counting",
+    EXIT_PEER_LOST: "peer lost: another worker failed or stopped answering (see its pod); not counted",
     137: "killed (SIGKILL), usually out of memory: raise the memory limit or lower the batch size",
     EXIT_FAILURE: "an unexpected error (see the log); retried up to the backoff limit",
 }
