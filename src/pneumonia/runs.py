@@ -26,8 +26,6 @@ from pneumonia.layout import CONFIG_NAME, Layout
 from pneumonia.training.hparams import flatten
 from pneumonia.training.report import history_epochs, with_ci
 
-# Written by the train stage when a run stops on purpose or fails for good (pneumonia.training.run_end).
-ENDED_NAME = "_ENDED.json"
 HEADLINE = (("accuracy", "accuracy"), ("kappa", "cohen_kappa"), ("macro F1", "macro_f1"), ("AUC", "auc_macro"))
 BINARY = (("sensitivity", "sensitivity"), ("specificity", "specificity"))
 # Differs between every pair of runs by definition: not worth a line.
@@ -49,7 +47,7 @@ def run_status(layout: Layout, run_id: str) -> tuple[str, str]:
     """(finished | stopped | failed | running, the reason an ended run gave)."""
     if storage.exists(layout.run_marker(run_id)):
         return "finished", ""
-    ended = _read_json_or_none(storage.join(layout.run(run_id), ENDED_NAME))
+    ended = _read_json_or_none(layout.run_ended(run_id))
     if isinstance(ended, Mapping) and ended.get("status") in ("stopped", "failed"):
         return str(ended["status"]), str(ended.get("reason", ""))
     return "running", ""
