@@ -22,7 +22,7 @@ import yaml
 
 from pneumonia import storage
 from pneumonia.errors import EXIT_BAD_INPUT, EXIT_OK, BadInputError
-from pneumonia.layout import CONFIG_NAME, Layout
+from pneumonia.layout import Layout
 from pneumonia.training.hparams import flatten
 from pneumonia.training.report import history_epochs, with_ci
 
@@ -56,7 +56,7 @@ def run_status(layout: Layout, run_id: str) -> tuple[str, str]:
 def summarize(layout: Layout, run_id: str) -> RunSummary:
     """What one run's files say: status, model, epochs done / planned, the report's headline with CIs."""
     status, reason = run_status(layout, run_id)
-    config_path = storage.join(layout.run(run_id), CONFIG_NAME)
+    config_path = layout.run_config(run_id)
     config = flatten(yaml.safe_load(storage.read_text(config_path)) or {}) if storage.exists(config_path) else {}
     history = _read_json_or_none(layout.history(run_id))
     planned = config.get("train.epochs", "?")
