@@ -15,6 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from gcs_faults import FaultPlan
 from test_train import PYTHON, REPO, TINY, subprocess_env
@@ -23,6 +24,8 @@ from pneumonia import storage
 from pneumonia.config import load_config
 from pneumonia.data import preprocess, shard
 from pneumonia.data.demo import make_demo_archive
+from pneumonia.layout import EXPORT_VERSION
+from pneumonia.model import export
 
 pytestmark = pytest.mark.gcs
 
@@ -137,6 +140,13 @@ def test_whole_pipeline_on_gcs_with_faults_matches_a_fault_free_run(gcs_emulator
     report = storage.read_json(f"{gcs_root}/runs/faults/report/metrics.json")
     manifest = storage.read_json(f"{gcs_root}/splits/split.json")
     assert report["num_images"] == sum(manifest["counts"]["test"].values())
+    # The export was uploaded under the same faults, and the run marker vouches for it: it must load
+    # from the bucket and serve what evaluate scored.
+    rows = [json.loads(line) for line in
+            storage.read_text(f"{gcs_root}/runs/faults/report/predictions.jsonl").splitlines()[:4]]
+    served = export.ServedModel(f"{gcs_root}/runs/faults/model/{EXPORT_VERSION}")
+    probabilities, _ = served([storage.read_bytes(storage.join(gcs_root, row["path"])) for row in rows])
+    assert np.allclose(probabilities, [list(row["probabilities"].values()) for row in rows], atol=1e-5)
     kinds = {kind: sum(n for key, n in counts.items() if key.startswith(kind)) for kind in ("503", "429", "reset")}
     clients = {client: sum(n for key, n in counts.items() if key.endswith(client))
                for client in ("tensorflow", "google-cloud-storage")}

@@ -502,15 +502,23 @@ SERVING = mf.MANIFEST_DIR / "serving" / "inferenceservice.yaml"
 
 def test_the_inferenceservice_serves_the_runs_export_and_stays_out_of_the_pipeline(tmp_path: Path) -> None:
     """KServe's CRD is unknown to kubernetes-validate: check the kind, the fields that must match the
-    pipeline (namespace, service account, the export's path for the ConfigMap's run), and the
-    predictor's container fields against the core Container schema."""
-    (service,) = [doc for doc in yaml.safe_load_all(SERVING.read_text()) if doc]
+    pipeline (namespace, the export's path for the ConfigMap's run), the server's own read-only
+    identity, and the predictor's container fields against the core Container schema."""
+    documents = [doc for doc in yaml.safe_load_all(SERVING.read_text()) if doc]
+    (service,) = [doc for doc in documents if doc["kind"] == "InferenceService"]
+    (account,) = [doc for doc in documents if doc["kind"] == "ServiceAccount"]
     assert (service["apiVersion"], service["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
     pipeline = mf.load_manifests()
     assert "InferenceService" not in {obj["kind"] for obj in pipeline}  # manifests/ alone is the pipeline
     assert service["metadata"]["namespace"] == one(pipeline, "Namespace")["metadata"]["name"]
     predictor = service["spec"]["predictor"]
-    assert predictor["serviceAccountName"] == one(pipeline, "ServiceAccount")["metadata"]["name"]
+    # Not the pipeline's account (it may write the bucket, raw films included): one of its own, in the
+    # same namespace, mapped by Workload Identity, with no API token.
+    assert predictor["serviceAccountName"] == account["metadata"]["name"] != \
+        one(pipeline, "ServiceAccount")["metadata"]["name"]
+    assert account["metadata"]["namespace"] == service["metadata"]["namespace"]
+    assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")
+    assert account["automountServiceAccountToken"] is False
 
     config = configmap_config(pipeline, tmp_path)
     model = predictor["model"]
@@ -527,6 +535,7 @@ def test_the_inferenceservice_serves_the_runs_export_and_stays_out_of_the_pipeli
                     "containers": [{"name": "kserve-container", "image": f"tensorflow/serving:{tag}", **container}]}}
     for version in (OLDEST_K8S, NEWEST_K8S):
         kubernetes_validate.validate(pod, version, strict=True)
+        kubernetes_validate.validate(account, version, strict=True)
     for section in ("requests", "limits"):
         assert all(isinstance(quantity, str) for quantity in container["resources"][section].values())
     assert container["securityContext"]["runAsNonRoot"] is True

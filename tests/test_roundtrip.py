@@ -14,7 +14,7 @@ from test_shard import SIZE_DIR, config_for, make_interim
 
 from pneumonia.config import CLASS_NAMES
 from pneumonia.data import roundtrip, shard, tfrecords
-from pneumonia.errors import BadInputError
+from pneumonia.errors import BadInputError, StorageError
 
 # Every image of the tiny data set is sampled, so any tampered record is among those compared.
 ALL = "shard.roundtrip_samples_per_class=50"
@@ -166,3 +166,13 @@ def test_check_names_a_shard_holding_a_foreign_record(copy: tuple[Path, dict]) -
     with pytest.raises(BadInputError, match=f"shard {path} cannot be read") as caught:
         roundtrip.check(str(out_dir), marker["shards"], rows_of(root), config_for(root, ALL), str(root))
     assert caught.value.exit_code == 2
+
+
+def test_a_shard_cut_short_in_storage_is_a_retryable_storage_error(copy: tuple[Path, dict]) -> None:
+    root, marker = copy
+    out_dir = root / "processed" / SIZE_DIR
+    path = out_dir / next(s["name"] for s in marker["shards"] if s["split"] == "val")
+    path.write_bytes(path.read_bytes()[:-7])  # what a short upload leaves: the last record's tail is missing
+    with pytest.raises(StorageError, match=f"shard {path} cannot be read back") as caught:
+        roundtrip.check(str(out_dir), marker["shards"], rows_of(root), config_for(root, ALL), str(root))
+    assert caught.value.exit_code == 1

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pneumonia import storage
 from pneumonia.config import CLASS_NAMES, PipelineConfig
 from pneumonia.data import imaging, pipeline, tfrecords
-from pneumonia.errors import BadInputError
+from pneumonia.errors import BadInputError, StorageError
 from pneumonia.logs import get_logger
 
 log = get_logger(__name__)
@@ -99,7 +99,11 @@ def check(processed_dir: str, shards: list[dict[str, Any]], rows: list[dict[str,
                                     f"{record.image_format}, config says {shard_config.size_dir} {shard_config.encoding}")
                 if record.source_path in wanted:
                     samples[record.source_path] = (path, serialized, record)
-        except (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as error:
+        except (tf.errors.DataLossError, tf.errors.NotFoundError) as error:
+            # Shards this stage wrote and checksummed moments ago: unreadable now is storage, not input.
+            raise StorageError(f"shard {path} cannot be read back ({error.message.splitlines()[0]}); the storage "
+                               "is failing: the stage is retried") from None
+        except tf.errors.InvalidArgumentError as error:  # records that are not ours: a file put there by hand
             raise BadInputError(f"shard {path} cannot be read ({error.message.splitlines()[0]}); delete it and "
                                 "rerun the shard stage") from None
     missing = sorted(set(expected) - set(seen))
