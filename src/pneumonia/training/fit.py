@@ -327,7 +327,8 @@ def _finish(model: keras.Model, config: PipelineConfig, layout: Layout, spec: cl
             storage.wait_for(layout.run_marker(run_id), config.cluster.peer_wait_timeout_s,
                              what="the chief's run marker", poll_s=1.0)
         except UpstreamMissingError as missing:
-            raise RuntimeError(f"the chief did not finish the run: {missing}") from None
+            # The chief's own failure (its retry is counted), not this worker's: exit 75, not counted.
+            raise PeerLostError(f"the chief did not finish the run: {missing}") from None
         return {"weights_sha256": checksum}
     history.write(complete=True)
     best_path = best.destination
