@@ -255,6 +255,15 @@ def test_a_second_run_skips_and_a_new_checkpoint_redoes(trained_run, evaluated):
         zoo.save_weights(trained_run.model, evaluate.checkpoint_path(trained_run.run_dir))
 
 
+def test_a_report_setting_changed_redoes_the_report(trained_run, evaluated):
+    marker = Path(trained_run.run_dir) / "report" / "_SUCCESS.json"
+    evaluate.run(trained_run.config)
+    before = storage.read_json(str(marker))["fingerprint"]
+    fewer = trained_run.config.replace(report=dataclasses.replace(trained_run.config.report, saliency_images=1))
+    evaluate.run(fewer)
+    assert storage.read_json(str(marker))["fingerprint"] != before  # redone, not skipped as "already done"
+
+
 def test_a_missing_checkpoint_is_bad_input_naming_it(tmp_path, trained_run):
     run_dir = tmp_path / "runs" / "no-weights"
     run_dir.mkdir(parents=True)

@@ -24,7 +24,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from pneumonia import progress, storage
-from pneumonia.config import CLASS_NAMES, PipelineConfig, from_dict, parse_config_yaml
+from pneumonia.config import CLASS_NAMES, PipelineConfig, ReportConfig, from_dict, parse_config_yaml
 from pneumonia.data import pipeline
 from pneumonia.errors import BadInputError, ConfigError
 from pneumonia.layout import CONFIG_NAME, Layout
@@ -134,7 +134,7 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     test_shards = pipeline.shard_paths(processed_dir, "test", marker)
     weights_path = checkpoint_path(run_dir)
     temperature = calibration.load_temperature(layout, run_id)
-    fingerprint = _fingerprint(weights_path, marker, temperature)
+    fingerprint = _fingerprint(weights_path, marker, temperature, config.report)
     report_dir = layout.report(run_id)
     report_marker = layout.report_marker(run_id)
     if storage.exists(report_marker):
@@ -215,10 +215,11 @@ def _batch_size(batch: tuple) -> int:
     return int(batch[0].shape[0])
 
 
-def _fingerprint(weights_path: str, marker: dict[str, Any], temperature: float) -> str:
+def _fingerprint(weights_path: str, marker: dict[str, Any], temperature: float, report_config: ReportConfig) -> str:
+    """What a finished report depends on: a change in any of it redoes the report."""
     test_shards = sorted((shard["name"], shard["sha256"]) for shard in marker["shards"] if shard["split"] == "test")
     payload = {"version": REPORT_VERSION, "weights_sha256": storage.sha256_file(weights_path),
-               "test_shards": test_shards, "temperature": temperature}
+               "test_shards": test_shards, "temperature": temperature, "report": dataclasses.asdict(report_config)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
