@@ -23,7 +23,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from pneumonia.config import load_config
-from pneumonia.errors import EXIT_PREEMPTED, BadInputError, ConfigError
+from pneumonia.errors import EXIT_PREEMPTED, BadInputError, ConfigError, StorageError
 from pneumonia.layout import Layout
 from pneumonia.training import fit
 from pneumonia.training.callbacks import BestWeights, HistoryRecorder, read_best_weights_record, weights_sha256
@@ -416,6 +416,16 @@ def test_missing_shards_exit_2_at_once(tmp_path: Path):
     assert result.returncode == 2
     assert "shard" in result.stderr and "_SUCCESS.json" in result.stderr
     assert not (tmp_path / "runs" / "noshards" / "_SUCCESS.json").exists()
+
+
+def test_a_shard_damaged_in_storage_is_named_before_training_starts(data_root: str):
+    processed = Path(data_root) / "processed"
+    victim = next(path for path in sorted(processed.rglob("train-*.tfrecord")))
+    victim.write_bytes(victim.read_bytes()[:-5])  # cut short after the shard stage checked it
+    with pytest.raises(StorageError, match=f"shard {victim} has .* bytes.*rerun the shard stage") as caught:
+        fit.run(tiny_config(data_root, "damaged"))
+    assert caught.value.exit_code == 1  # storage, retried: never bad input
+    assert not (Path(data_root) / "runs" / "damaged" / "_SUCCESS.json").exists()
 
 
 def test_inputs_from_another_split_are_refused(data_root: str):

@@ -209,6 +209,9 @@ def run(config: PipelineConfig) -> dict[str, Any] | None:
     _check_resume_config(layout, config)
     cluster.check_xla(config.model.xla, cluster.planned_spec(config.cluster), cluster.num_gpus())
     marker, manifest_bytes = wait_for_current_inputs(layout, config)
+    # Damaged in storage since the shard stage checked them: say so and which stage rewrites them,
+    # rather than a DataLossError hours into an epoch (StorageError: exit 1, retried).
+    pipeline.verify_shards(layout.processed(config.shard.size_dir), ("train", "val"))
     # The strategy comes before any TensorFlow op: collectives must be configured at start-up.
     strategy, spec = cluster.make_strategy(config.cluster)
 
