@@ -43,6 +43,8 @@ K8S_FLAGS ?=
 
 ## Tests and benchmarks
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist); 0 runs the suite in this process.
+TEST_JOBS ?= 2
 BENCH_ARGS ?=
 # --fresh: rebuild the stand-in base and the image from scratch (a cold run)
 IMAGE_TEST_ARGS ?=
@@ -55,7 +57,7 @@ help: ## Show this help
 	@echo "Variables (cluster): PROJECT REGION BUCKET=gs://bucket/prefix IMAGE (default: tag from git describe)"
 	@echo "                     WORKERS GPUS_PER_WORKER=$(GPUS_PER_WORKER) GPU_TYPE=$(GPU_TYPE) NAMESPACE=$(NAMESPACE)"
 	@echo "                     CONTEXT ARCHIVE RUN_ID DRY_RUN=1 K8S_FLAGS='...' BASE_IMAGE BAKE_WEIGHTS=$(BAKE_WEIGHTS)"
-	@echo "Variables (tests):   PYTEST_ARGS='...' BENCH_ARGS='...' IMAGE_TEST_ARGS=--fresh"
+	@echo "Variables (tests):   PYTEST_ARGS='...' TEST_JOBS=$(TEST_JOBS) BENCH_ARGS='...' IMAGE_TEST_ARGS=--fresh"
 
 .PHONY: setup
 setup: $(VENV)/.setup-stamp ## Create .venv and install the package with its test tools (quick when done)
@@ -83,11 +85,11 @@ endif
 
 .PHONY: test
 test: setup ## Run the test suite (slow end-to-end tests included)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_JOBS) --dist worksteal $(PYTEST_ARGS)
 
 .PHONY: test-fast
 test-fast: setup ## Run the tests without the slow end-to-end ones
-	$(PY) -m pytest -m 'not slow' $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_JOBS) --dist worksteal -m 'not slow' $(PYTEST_ARGS)
 
 .PHONY: image-test
 image-test: setup ## Build the image on a stand-in base (podman, mmdebstrap; root) and run every stage in it as the pods do

@@ -58,6 +58,7 @@ def test_set_overrides_win_over_yaml_and_parse_types(tmp_path):
     (["train.run_id=.."], ["train.run_id", ".."]),  # would put the run's files in the data root
     (["train.run_id=."], ["train.run_id"]),
     (["train.run_id=a/b"], ["train.run_id", "a/b"]),
+    (["train.seed=0"], ["train.seed", "0"]),  # TensorFlow's global seed 0 breaks tf.data's seeded shuffles
 ])
 def test_bad_values_raise_config_error_naming_the_key(overrides, names):
     with pytest.raises(ConfigError) as caught:

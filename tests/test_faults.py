@@ -25,7 +25,8 @@ TRAIN_JOB = yaml.safe_load((REPO / "manifests" / "31-train-job.yaml").read_text(
 RULES = TRAIN_JOB["spec"]["podFailurePolicy"]["rules"]
 # One phase (no warmup switch: each phase traces its step anew, minutes on a busy 2-core machine);
 # three steps an epoch; workers agree on a stop every 2 steps, so a SIGTERM lands mid-epoch.
-ARGS = ["train.epochs=3", "train.warmup_epochs=0", "train.preemption_check_every_n_steps=2"]
+# Two epochs: the fault lands mid-epoch 1, after epoch 0's backup, so a resume from epoch 0 would show.
+ARGS = ["train.epochs=2", "train.warmup_epochs=0", "train.preemption_check_every_n_steps=2"]
 START_TIMEOUT_S = 600  # until the fault: two TensorFlow starts and the first epochs
 END_TIMEOUT_S = 900  # from the fault to the Job's end: restarts, the remaining epochs, the export
 SIGKILL_EXIT = 128 + 9
@@ -136,7 +137,7 @@ def assert_completed_in_sync(job: IndexedJob, root: str, run_id: str, resumed_ep
     marker = read_json(f"{root}/runs/{run_id}/_SUCCESS.json")
     assert marker["weights_sha256"] == finished[0]["weights_sha256"]
     history = read_json(f"{root}/runs/{run_id}/history.json")
-    assert [r["epoch"] for r in history["epochs"]] == [0, 1, 2] and history["complete"] is True
+    assert [r["epoch"] for r in history["epochs"]] == [0, 1] and history["complete"] is True
 
 
 def fault_then_run_to_end(job: IndexedJob, backup_dir: str, fault, once_the_survivor_ended=None) -> int:  # noqa: ANN001
@@ -187,9 +188,10 @@ def test_node_loss_of_worker_1_counts_against_nobody(tiny_shards: Path, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preempted", [0, 1], ids=["chief", "worker-1"])
 def test_sigterm_of_one_worker_stops_both_with_the_backup_and_resumes_both_there(
-        tiny_shards: Path, tmp_path: Path, preempted: int):  # noqa: F811
+        tiny_shards: Path, tmp_path: Path):  # noqa: F811
+    """The chief: the worker that also hosts the coordination service, the harder of the two to lose."""
+    preempted = 0
     job, root = start_job(tiny_shards, tmp_path, "preempt")
     try:
         wait_for_epoch(job, 1)

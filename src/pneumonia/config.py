@@ -188,6 +188,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         _require(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
+        # 0 as TensorFlow's global seed breaks tf.data's per-epoch seeded shuffles (its seed check
+        # then compares a graph tensor to 0), so it is refused here rather than at the first epoch.
+        _require(self.seed >= 1, "train.seed", self.seed, ">= 1")
         _require(0 <= self.warmup_epochs <= self.epochs, "train.warmup_epochs", self.warmup_epochs,
                  f"between 0 and train.epochs ({self.epochs})")
         _require(self.per_replica_batch_size >= 1, "train.per_replica_batch_size", self.per_replica_batch_size, ">= 1")
