@@ -32,6 +32,8 @@ PROBABILITY_FLOOR = float(np.finfo(np.float32).tiny)
 
 def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
     """softmax(log(p) / T) row by row; float32 [N, K] like the model's output."""
+    if not temperature > 0:  # a calibration.json edited by hand, say: NaNs would spread silently
+        raise ValueError(f"the temperature must be positive, got {temperature}")
     scaled = np.log(np.maximum(np.asarray(probabilities, np.float64), PROBABILITY_FLOOR)) / float(temperature)
     scaled -= scaled.max(axis=-1, keepdims=True)
     exp = np.exp(scaled)
