@@ -104,7 +104,7 @@ def write_gradcams(run_dir: str, paths: Sequence[str], out_dir: str, images_arg:
     run's config and best weights, as the evaluate stage does.
     """
     from pneumonia.model import saliency  # pulls in tf_keras and matplotlib; only when asked
-    from pneumonia.training.evaluate import load_trained_model
+    from pneumonia.model.trained import load_trained_model
 
     model, run_config = load_trained_model(run_dir)
     shard = run_config.shard

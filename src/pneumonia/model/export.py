@@ -31,8 +31,8 @@ from pneumonia.data import imaging, pipeline
 from pneumonia.layout import Layout
 from pneumonia.logs import get_logger
 from pneumonia.model import calibration
+from pneumonia.model.trained import load_trained_model, predict_dataset
 from pneumonia.training.callbacks import weights_sha256
-from pneumonia.training.evaluate import load_trained_model, predict_dataset
 
 log = get_logger(__name__)
 

@@ -21,6 +21,7 @@ from pneumonia.data import upstream
 from pneumonia.errors import BadInputError
 from pneumonia.layout import Layout
 from pneumonia.logs import get_logger
+from pneumonia.training import fit
 
 log = get_logger(__name__)
 
@@ -32,10 +33,6 @@ STALE_END_GRACE_S = 900.0
 
 def train(config: PipelineConfig) -> dict[str, Any] | None:
     """fit.run, leaving the run's _ENDED.json when it stops on purpose or fails for good (jobs/train.py)."""
-    # Imported here: evaluate reads the end marker through this module, and fit imports the export,
-    # which scores through evaluate's model loader (a cycle at import time).
-    from pneumonia.training import fit
-
     layout = Layout.of(config)
     run_id = config.train.run_id
     is_chief = cluster.worker_index() == 0
