@@ -116,6 +116,21 @@ def test_docs_images_stay_small():
         assert image.stat().st_size < 200_000, image.name
 
 
+def test_code_and_manifests_point_at_docs_that_exist():
+    # Comments and messages say `docs/cluster.md, "Prerequisites"`: the page, and the words quoted
+    # after it, must be there (the README's sections moved to docs/ once; a move must not strand them).
+    sources = [path for folder in ("src", "jobs", "manifests", "bench", "tests") for path in (REPO / folder).rglob("*")
+               if path.suffix in (".py", ".yaml", ".md") and path.name != "test_docs.py"]
+    stale = []
+    for path in [*sources, REPO / "Makefile", REPO / "Dockerfile"]:
+        for page, section in re.findall(r'(docs/[\w-]+\.md)(?:, \\?"([^"\\]+))?', path.read_text()):
+            if not (REPO / page).is_file():
+                stale.append(f"{path.relative_to(REPO)}: {page}")
+            elif section and section not in (REPO / page).read_text():
+                stale.append(f'{path.relative_to(REPO)}: {page}, "{section}"')
+    assert stale == []
+
+
 # The checks themselves must bite: a page with known faults, and one without.
 
 def test_broken_links_names_a_missing_file_and_a_missing_anchor(tmp_path: Path):
