@@ -110,7 +110,7 @@ def test_a_tf_serving_rest_body_with_b64_images_decodes_and_predicts(png_run):
 
     model = png_run.model
     temperature = calibration.load_temperature(Layout.of(png_run.config), RUN_ID)
-    images = np.stack([imaging.model_input(tf.constant(f), 32, 32, 1, "png").numpy() for f in files])
+    images = np.stack([imaging.model_input(tf.constant(f), 32, 32, 1, "png", fit=png_run.config.shard.fit).numpy() for f in files])
     want = calibration.apply_temperature(model(images, training=False).numpy(), temperature)
     assert len(predictions) == len(files)
     for prediction, expected in zip(predictions, want, strict=True):
