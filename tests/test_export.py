@@ -119,7 +119,8 @@ def test_a_tf_serving_rest_body_with_b64_images_decodes_and_predicts(png_run):
 
     model = png_run.model
     fitted = calibration.load_calibration(Layout.of(png_run.config), RUN_ID)
-    images = np.stack([imaging.model_input(tf.constant(f), 32, 32, 1, "png").numpy() for f in files])
+    images = np.stack([imaging.model_input(tf.constant(f), 32, 32, 1, "png", fit=png_run.config.shard.fit).numpy()
+                       for f in files])
     want = fitted.apply(model(images, training=False).numpy())
     assert len(predictions) == len(files)
     for prediction, expected in zip(predictions, want, strict=True):

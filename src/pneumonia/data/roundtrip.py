@@ -118,7 +118,8 @@ def check(processed_dir: str, shards: list[dict[str, Any]], rows: list[dict[str,
         row = expected[source_path]
         decoded = pipeline.decode_record(tf.constant(serialized), height, width, channels)
         source_bytes = storage.read_bytes(storage.join(data_root, source_path))
-        resized, original_height, original_width = imaging.load_resized(source_bytes, height, width, channels)
+        resized, original_height, original_width = imaging.load_resized(source_bytes, height, width, channels,
+                                                                                fit=shard_config.fit)
         source = imaging.to_float(resized).numpy()
         stored = decoded["image"].numpy()
         psnr = imaging.psnr_db(source * 255.0, stored * 255.0)

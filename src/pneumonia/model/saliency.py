@@ -109,11 +109,15 @@ def build_gradcam(model: keras.Model) -> GradCam:
     return gradcam
 
 
-def content_box(original_height: int, original_width: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """(top, left, content height, content width) of a source image inside its padded shard image.
+def content_box(original_height: int, original_width: int, height: int, width: int,
+                fit: str = "pad") -> tuple[int, int, int, int]:
+    """(top, left, content height, content width) of a source image inside its shard image.
 
-    The same fit and centring as the shard stage (`imaging.fitted_size`, pad_to_bounding_box).
+    The same fit and centring as the shard stage: a cropped film fills the whole image; a padded
+    one sits where `imaging.fitted_size` and pad_to_bounding_box put it.
     """
+    if fit == "crop":
+        return 0, 0, height, width
     new_height, new_width = (int(v) for v in imaging.fitted_size(original_height, original_width, height, width))
     return (height - new_height) // 2, (width - new_width) // 2, new_height, new_width
 
@@ -173,7 +177,7 @@ def read_geometry(shard_paths: Iterable[str]) -> dict[str, tuple[int, int]]:
 
 def check_test_set(model: keras.Model, batches: Iterable[Any], labels: np.ndarray, probabilities: np.ndarray,
                    paths: Sequence[str], geometry: Mapping[str, tuple[int, int]], class_names: Sequence[str],
-                   num_images: int) -> tuple[dict[str, Any], bytes | None]:
+                   num_images: int, fit: str = "pad") -> tuple[dict[str, Any], bytes | None]:
     """(metrics.json's `saliency`, gradcam.png's bytes or None when num_images is 0) for a scored test set.
 
     `batches` yields (images, one-hot labels, metadata) in the order of `labels`, `probabilities` and
@@ -196,7 +200,7 @@ def check_test_set(model: keras.Model, batches: Iterable[Any], labels: np.ndarra
         heatmaps = gradcam(images, tf.constant(labels[index])).numpy()
         height, width = heatmaps.shape[1:]
         for offset, path in enumerate(batch_paths):
-            share = border_share(heatmaps[offset], content_box(*geometry[path], height, width))
+            share = border_share(heatmaps[offset], content_box(*geometry[path], height, width, fit))
             if share is not None:
                 shares[labels[start + offset]].append(share)
         wanted = [offset for offset in range(count) if start + offset in picked]
