@@ -19,7 +19,7 @@ from pneumonia import storage
 from pneumonia.config import PipelineConfig
 
 MARKER_NAME = "_SUCCESS.json"
-# A run that ended without its marker: stopped on purpose or failed for good (pneumonia.training.run_end).
+# A run that ended without its marker: stopped on purpose or failed for good (pneumonia.run_ended).
 ENDED_NAME = "_ENDED.json"
 CONFIG_NAME = "config.yaml"
 BEST_WEIGHTS_NAME = "best.weights.h5"
