@@ -37,9 +37,8 @@ import numpy as np
 from pneumonia.config import load_config
 from pneumonia.data import demo, pipeline
 from pneumonia.layout import Layout
-from pneumonia.model import calibration
-from pneumonia.model.trained import load_trained_model, predict_dataset
-from pneumonia.training import uncertainty
+from pneumonia.evaluation import calibration, uncertainty
+from pneumonia.trained import load_trained_model, predict_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "quality.json"

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 
 from pneumonia import storage
+from pneumonia.evaluation import calibration, uncertainty
 from pneumonia.layout import Layout
-from pneumonia.model import calibration
-from pneumonia.training import uncertainty
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pneumonia.config import CLASS_NAMES
-from pneumonia.training import uncertainty
+from pneumonia.evaluation import uncertainty
 
 NUM_SETS = 400
 NUM_PATIENTS = 200  # about 1,100 films, as in the measurement the issue reports
