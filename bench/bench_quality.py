@@ -36,8 +36,8 @@ import numpy as np
 
 from pneumonia.config import load_config
 from pneumonia.data import demo, pipeline
-from pneumonia.layout import Layout
 from pneumonia.evaluation import calibration, uncertainty
+from pneumonia.layout import Layout
 from pneumonia.trained import load_trained_model, predict_dataset
 
 REPO = Path(__file__).resolve().parent.parent
