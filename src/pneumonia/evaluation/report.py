@@ -343,7 +343,9 @@ def bootstrap_note(metrics: Mapping[str, Any]) -> list[str]:
         return []
     lines = ["", f"95 % confidence intervals: patient-level bootstrap ({info['resamples']} resamples of the "
                  f"{info['num_patients']} test patients, whole patients drawn with replacement since a patient's "
-                 f"films are not independent; seed {info['seed']}; percentiles 2.5 and 97.5)."]
+                 f"films are not independent; seed {info['seed']}; "
+                 + ("BCa interval: percentiles 2.5 and 97.5 corrected for bias and skew, "
+                    "docs/report-statistics.md)." if info.get("method") == "bca" else "percentiles 2.5 and 97.5).")]
     if any(interval and interval[0] == interval[1] for interval in _top_intervals(metrics.get("ci95", {}))):
         bound = 3 / info["num_patients"]
         lines.append(f"An interval of zero width means every resample gave the same value (a perfect score, say); "
