@@ -451,8 +451,8 @@ def calibration_section(summary: Mapping[str, Any] | None) -> list[str]:
     if summary.get("bias") is not None and method != "none":
         applied += ", bias " + ", ".join(f"{b:+.3f}" for b in summary["bias"])
     applied += (f", fitted on {summary.get('num_val_images')} validation images when training ended. "
-                if fitted else f". Not fitted: {summary.get('reason')}.")
-    lines = ["", "## Calibration", "", applied + " The same map is applied to every reported probability "
+                if fitted else f". Not fitted: {summary.get('reason')}. ")
+    lines = ["", "## Calibration", "", applied + "The same map is applied to every reported probability "
              "and by the served model.", "",
              f"Expected calibration error ({summary['num_bins']} equal-width bins of the top-class confidence). "
              "The plain ECE is biased upward on a few hundred images (binomial noise in each bin counts as "
@@ -465,8 +465,8 @@ def calibration_section(summary: Mapping[str, Any] | None) -> list[str]:
         lines.append(f"| {label} | {with_ci(confidence.get(key))} | {with_ci(summary['ece'][key])} | "
                      f"{with_ci(debiased.get(key), interval.get(key))} |")
     if summary.get("accuracy") is not None:
-        lines += ["", f"Test accuracy {summary['accuracy']:.3f}: a calibrated model's mean top-class confidence "
-                      "is close to it."]
+        lines += ["", f"Test accuracy {summary['accuracy']:.3f}: a well-calibrated model's mean top-class "
+                      f"confidence matches it (here {summary['mean_confidence']['after']:.3f} after calibration)."]
     accuracy, num_val = summary.get("accuracy"), summary.get("num_val_images")
     if fitted and accuracy is not None and num_val:
         # A fit matches val's own accuracy, which binomial noise moves by this much (docs/report-statistics.md).
