@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pneumonia.data import demo
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -71,7 +73,8 @@ def test_quality_benchmark_compares_a_run_with_its_known_answers(tmp_path: Path)
         capture_output=True, text=True, timeout=600, check=False)
     assert completed.returncode in (0, 1), completed.stderr[-3000:]
     (row,) = json.loads(out.read_text())["results"]
-    truth = json.loads((tmp_path / "work" / "noise-0.2" / "raw" / "demo-chest-xray.truth.json").read_text())
+    truth = json.loads(Path(demo.truth_path(str(tmp_path / "work" / "noise-0.2" / "raw" / "demo-chest-xray.zip")))
+                       .read_text())
     test = [film for film in truth["films"] if film["path"].startswith("chest_xray/test/")]
     assert row["num_test_images"] == row["num_test_films"] == len(test) > 0
     assert row["best_accuracy"] == pytest.approx(np.mean([not film["moved"] for film in test]))

@@ -19,6 +19,9 @@ from pneumonia.config import CLASS_NAMES
 from pneumonia.evaluation import uncertainty
 
 NUM_SETS = 400
+# The image-level twin on every other set only: it costs 5x a patient-level set (a unit per film),
+# and falls ~10 points short, far beyond the noise of 200 sets.
+IMAGE_LEVEL_EVERY = 2
 NUM_PATIENTS = 200  # about 1,100 films, as in the measurement the issue reports
 MAX_FILMS = 10
 CLASS_MIX = np.array([0.27, 0.48, 0.25])  # normal, bacteria, virus patients
@@ -75,10 +78,12 @@ def measure_coverage() -> dict[str, dict[str, float]]:
     for index in range(NUM_SETS):
         patient, labels, predictions = simulated_test_set(rng)
         film = np.arange(len(patient))
-        for unit, units in (("patient", patient), ("image", film)):
-            for name, bounds in intervals(labels, predictions, units, seed=index).items():
+        units = {"patient": patient, "image": film} if index % IMAGE_LEVEL_EVERY == 0 else {"patient": patient}
+        for unit, ids in units.items():
+            for name, bounds in intervals(labels, predictions, ids, seed=index).items():
                 held[unit][name] += bounds is not None and bounds[0] <= truth[name] <= bounds[1]
-    return {unit: {name: count / NUM_SETS for name, count in counts.items()} for unit, counts in held.items()}
+    num_sets = {"patient": NUM_SETS, "image": len(range(0, NUM_SETS, IMAGE_LEVEL_EVERY))}
+    return {unit: {name: count / num_sets[unit] for name, count in counts.items()} for unit, counts in held.items()}
 
 
 @pytest.fixture(scope="module")
