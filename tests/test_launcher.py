@@ -234,21 +234,6 @@ def test_a_bad_input_failure_reports_pod_exit_code_and_the_rule_that_fired(
     assert "jobs:pneumonia-train" not in posts(server)
 
 
-def test_missing_access_stops_before_anything_is_created(kubeconfig: Path, tmp_path: Path) -> None:
-    denied = {("create", "jobs"), ("get", "pods/log")}
-    server = EmulatorThread(ClusterEmulator(denied=denied)).start()
-    try:
-        kube = kc.KubeClient(str(write_kubeconfig(tmp_path / "kc", server.url)), "kmock", NAMESPACE)
-        config = run_config(tmp_path)
-        out = io.StringIO()
-        status = ln.Launcher(kube, mf.build_manifests(mf.load_manifests(), config), config, out=out).run()
-        assert status == 2
-        assert "may not create jobs.batch, get pods/log" in out.getvalue()
-        assert posts(server) == []
-    finally:
-        server.stop()
-
-
 def test_a_running_job_of_another_run_blocks_the_launch(client: kc.KubeClient, server: EmulatorThread,
                                                         tmp_path: Path) -> None:
     client.create_job(mf.stage_jobs(mf.load_manifests())["train"])  # run-001, no Complete condition
