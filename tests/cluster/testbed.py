@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -196,7 +197,11 @@ class Cluster:
         }
         documents = list(yaml.safe_load_all((HERE / "kwok.yaml").read_text()))
         documents[0]["options"].update({key: str(value) for key, value in options.items()})
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"kwokctl-{self.name}-") as config:
+        # kwokctl picks each cluster's ports from those no other cluster's config names yet: two creates at
+        # once could pick the same ones, so creates (not the clusters) take turns.
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"kwokctl-{self.name}-") as config, \
+                open(KWOK_WORKDIR / ".pneumonia-create.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             yaml.safe_dump_all(documents, config)
             config.flush()
             self.kubeconfig.parent.mkdir(parents=True, exist_ok=True)
