@@ -231,12 +231,16 @@ def test_report_files_plots_config_and_marker(trained_run, evaluated):
 
 def test_the_report_carries_grad_cam_and_the_shortcut_check(trained_run, evaluated):
     found = evaluated["saliency"]
-    assert list(found) == ["method", "border_share", "warnings"] and found["method"] == "grad-cam"
-    assert list(found["border_share"]) == list(CLASS_NAMES)
-    assert all(share is None or 0.0 <= share <= 1.0 for share in found["border_share"].values())
-    assert found["warnings"] == saliency.shortcut_warnings(found["border_share"])
+    assert list(found) == ["method", "border_share", "recall", "recall_border_hidden", "warnings"]
+    assert found["method"] == "grad-cam"
+    for key in ("border_share", "recall", "recall_border_hidden"):
+        assert list(found[key]) == list(CLASS_NAMES)
+        assert all(value is None or 0.0 <= value <= 1.0 for value in found[key].values())
+    assert found["warnings"] == (saliency.shortcut_warnings(found["border_share"])
+                                 + saliency.recall_drop_warnings(found["recall"], found["recall_border_hidden"]))
     folder = Path(trained_run.run_dir) / "report"
     assert "## Shortcut check" in (folder / "report.md").read_text()
+    assert saliency.LIMIT in (folder / "report.md").read_text()
     with Image.open(folder / "gradcam.png") as picture:
         # report.saliency_images (12 by default) pairs, three to a row: 4 rows of 6 panels
         expected = min(trained_run.config.report.saliency_images, evaluated["num_images"])
