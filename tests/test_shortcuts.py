@@ -12,7 +12,7 @@ from sklearn.metrics import cohen_kappa_score
 
 from pneumonia.config import CLASS_NAMES
 from pneumonia.data import demo
-from pneumonia.model import saliency
+from pneumonia.evaluation import saliency
 
 SIZE = 32
 EPOCHS = 10
