@@ -221,3 +221,40 @@ def test_every_stage_fits_a_flavor_its_pods_tolerate_and_only_train_fits_gpu_fla
             assert usable[:3] == ["pneumonia-l4-on-demand", "pneumonia-l4-spot", "pneumonia-l4-flex-start"], usable
         else:
             assert usable == ["pneumonia-cpu"], (stage, usable)
+
+
+# --- the launcher's line from a Workload's conditions (messages as Kueue v0.19.2 words them) ----------
+
+def workload(*conditions: dict[str, str], checks: tuple[dict[str, str], ...] = ()) -> dict[str, Any]:
+    return {"metadata": {"name": "job-pneumonia-train-1a2b3"},
+            "status": {"conditions": list(conditions), "admissionChecks": list(checks)}}
+
+
+NO_FIT = ("couldn't assign flavors to pod set main: insufficient quota for nvidia.com/gpu in flavor pneumonia-cpu, "
+          "previously considered podsets requests (0) + current podset request (4) > maximum capacity (0), "
+          "insufficient quota for nvidia.com/gpu in flavor pneumonia-l4-on-demand, previously considered podsets "
+          "requests (0) + current podset request (4) > maximum capacity (3)")
+
+
+def test_too_little_quota_names_requested_and_available_gpus() -> None:
+    from pneumonia.k8s.status import explain_queued
+
+    line = explain_queued(workload({"type": "QuotaReserved", "status": "False", "reason": "Pending",
+                                    "message": NO_FIT}), "pneumonia")
+    assert line.startswith("waiting for quota: 4 nvidia.com/gpu requested, 3 available in ClusterQueue pneumonia "
+                           "(flavor pneumonia-l4-on-demand)")
+
+
+def test_quota_in_use_pending_capacity_and_admitted() -> None:
+    from pneumonia.k8s.status import explain_queued
+
+    in_use = "couldn't assign flavors to pod set main: insufficient unused quota for cpu in flavor f, 2 more needed"
+    assert explain_queued(workload({"type": "QuotaReserved", "status": "False", "message": in_use}), "q") == \
+        "waiting for quota: 2 more cpu needed in ClusterQueue q (flavor f), in use by other Workloads"
+    flex = workload({"type": "QuotaReserved", "status": "True"}, {"type": "Admitted", "status": "False"},
+                    checks=({"name": "pneumonia-flex-start", "state": "Pending", "message": ""},))
+    assert explain_queued(flex, "q").startswith(
+        "waiting for capacity (flex-start): quota reserved in ClusterQueue q, admission check pneumonia-flex-start Pending")
+    assert explain_queued(workload({"type": "QuotaReserved", "status": "True"},
+                                   {"type": "Admitted", "status": "True"}), "q") is None
+    assert explain_queued(None, "q").startswith("waiting for Kueue to create its Workload")
