@@ -19,7 +19,7 @@ from pneumonia.errors import ConfigError
 from pneumonia.k8s import manifests as mf
 
 sys.path.insert(0, str(Path(__file__).parent))
-import kueue_env  # noqa: E402
+from cluster import kueue as kueue_env  # noqa: E402
 
 KUEUE_DIR = mf.MANIFEST_DIR / "kueue"
 GPU_TAINT = {"key": mf.GPU_RESOURCE, "value": "present", "effect": "NoSchedule"}

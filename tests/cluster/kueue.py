@@ -194,5 +194,10 @@ class KueueController:
         return self.process.log_tail() if self.process else ""
 
     def stop(self) -> None:
+        """Ends the controller and removes its webhook configurations: they fail closed, so with Kueue
+        gone they would refuse every Job created in the cluster afterwards."""
         if self.process is not None:
             self.process.stop()
+        for kind in ("mutatingwebhookconfiguration", "validatingwebhookconfiguration"):
+            for prefix in ("mutating", "validating"):
+                self.kubectl_run("delete", kind, f"kueue-{prefix}-webhook-configuration", "--ignore-not-found")
