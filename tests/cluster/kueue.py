@@ -114,9 +114,10 @@ def kueue_configuration(webhook_port: int, health_port: int, cert_dir: Path,
     }
     if pods_ready_timeout_s is not None:
         # All workers Ready within the timeout, or the Workload is evicted (its Job suspended, its pods
-        # deleted) and requeued after a short backoff; blockAdmission admits one such Job at a time.
+        # deleted) and requeued after a short backoff. blockAdmission stays off so that tests sharing
+        # the controller do not wait for each other's pods.
         configuration["waitForPodsReady"] = {
-            "timeout": f"{pods_ready_timeout_s}s", "blockAdmission": True,
+            "timeout": f"{pods_ready_timeout_s}s", "blockAdmission": False,
             "requeuingStrategy": {"timestamp": "Eviction", "backoffBaseSeconds": 5, "backoffMaxSeconds": 20}}
     return configuration
 

@@ -29,6 +29,7 @@ from cluster.kueue import KueueController
 from cluster.testbed import BIN, NodePool, node_objects
 from pneumonia.config import load_config
 from pneumonia.k8s import client as kc
+from pneumonia.k8s import launcher as ln
 from pneumonia.k8s import manifests as mf
 from pneumonia.k8s import status as st
 
@@ -266,8 +267,14 @@ def test_four_workers_with_quota_for_three_gpus_start_nothing_and_the_launcher_s
     line = st.queue_reason(queues.client, live, {})
     assert line.startswith(f"waiting for quota: 4 nvidia.com/gpu requested, 3 available in ClusterQueue "
                            f"{queues.cluster_queue} (flavor {queues.name('pneumonia-l4-on-demand')})"), line
+    # The launcher, following the Job, says it in one line (and keeps waiting: here, 2 s).
     out = io.StringIO()
-    st.show_status(queues.client, None, out)  # the run list works with Kueue's Jobs too
+    options = st.FollowOptions(poll_s=0.5, timeout_s=2)
+    launcher = ln.Launcher(queues.client, [job], load_config(mf.CLUSTER_CONFIG), options, out)
+    with pytest.raises(kc.LaunchError, match="still not finished"):
+        launcher.follow("train", job)
+    assert f"[train] {line}" in out.getvalue().splitlines(), out.getvalue()
+    assert "[train] suspended: 0/4 done; pods: no pods yet (JobSuspended)" in out.getvalue()
     # A fourth GPU of quota: the whole Job is admitted at once, its 4 pods go to the on-demand pool.
     patch = {"spec": {"resourceGroups": [dict(group) for group in
                                          queues.custom.get_cluster_custom_object(*KUEUE, "clusterqueues",

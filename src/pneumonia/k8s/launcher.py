@@ -196,8 +196,9 @@ class Launcher:
         last_line, last_printed, explained = "", float("-inf"), {}
         cluster_queues: dict[str, str] = {}
         last_queued: str | None = None
-        # Like the Job's own activeDeadlineSeconds, the limit counts from admission: a Job may wait in
-        # Kueue's queue (quota, flex-start capacity) for as long as that takes.
+        # Like the Job's own activeDeadlineSeconds, the default limit counts from admission: a Job may
+        # wait in Kueue's queue (quota, flex-start capacity) for as long as that takes. --timeout-s is
+        # the caller's own bound, from now.
         deadline_start = start
         while True:
             job = self.client.read_job(name)
@@ -214,7 +215,7 @@ class Launcher:
             queued = queue_reason(self.client, job, cluster_queues)
             if queued and queued != last_queued:
                 self.say(f"[{stage}] {queued}")
-            if queued:
+            if queued and options.timeout_s is None:
                 deadline_start = now
             last_queued = queued
             for pod in pods:
