@@ -274,7 +274,7 @@ def test_four_workers_with_quota_for_three_gpus_start_nothing_and_the_launcher_s
     with pytest.raises(kc.LaunchError, match="still not finished"):
         launcher.follow("train", job)
     assert f"[train] {line}" in out.getvalue().splitlines(), out.getvalue()
-    assert "[train] suspended: 0/4 done; pods: no pods yet (JobSuspended)" in out.getvalue()
+    assert "[train] suspended: 0/4 done; pods: no pods yet (JobSuspended)" in out.getvalue(), out.getvalue()
     # A fourth GPU of quota: the whole Job is admitted at once, its 4 pods go to the on-demand pool.
     patch = {"spec": {"resourceGroups": [dict(group) for group in
                                          queues.custom.get_cluster_custom_object(*KUEUE, "clusterqueues",
