@@ -6,7 +6,7 @@
 from pneumonia.cli import exit_on_sigterm_while_loading, main
 
 exit_on_sigterm_while_loading()  # before TensorFlow loads: a SIGTERM meanwhile exits 143, not 137
-from pneumonia.training.evaluate import run  # noqa: E402
+from pneumonia.evaluation.evaluate import run  # noqa: E402
 
 if __name__ == "__main__":
     main("evaluate", run, run_id_required=True)
