@@ -31,6 +31,9 @@ KUEUE_BINARY = CACHE_ROOT / f"kueue-{KUEUE_VERSION}" / "bin" / "kueue"
 BUILD_SCRIPT = Path(__file__).parent / "cluster" / "build-kueue.sh"
 # Kueue's own webhooks for its objects, and the batch/job integration's; the others (pods,
 # deployments, other frameworks) would intercept objects this suite never hands to Kueue.
+# `PRIVATE_ETC DIR PROGRAM ARGS...`: PROGRAM sees DIR as /etc (a user and mount namespace of its own;
+# no privileges needed where unprivileged user namespaces are allowed, as on Debian and Ubuntu).
+PRIVATE_ETC = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", 'mount --bind "$0" /etc && exec "$@"']
 WEBHOOK_PATH = re.compile(r"^/(mutate|validate)-(kueue-x-k8s-io-.*|batch-v1-job)$")
 
 
@@ -150,19 +153,40 @@ class KueueController:
         (cert_dir / "tls.key").write_bytes(certs["leaf_key"].read_bytes())
         self.webhook_port, health_port = free_port(), free_port()
         url = f"https://127.0.0.1:{self.webhook_port}"
-        stream = "".join("---\n" + json.dumps(obj) + "\n" for obj in install_objects(url, certs["ca_cert"].read_bytes()))
+        objects = install_objects(url, certs["ca_cert"].read_bytes())
+        stream = "".join("---\n" + json.dumps(obj) + "\n" for obj in objects)
         self.kubectl_run("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=stream)
-        self.kubectl_run("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+        self._wait_established([obj["metadata"]["name"] for obj in objects if obj["kind"] == "CustomResourceDefinition"])
         self._ensure_namespace("kueue-system")
         config_path = self.workdir / "kueue-config.yaml"
         config_path.write_text(yaml.safe_dump(kueue_configuration(
             self.webhook_port, health_port, cert_dir, self.pods_ready_timeout_s)))
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
-        self.process = ManagedProcess("kueue", [str(KUEUE_BINARY), f"--config={config_path}",
-                                                "--feature-gates=VisibilityOnDemand=false", "--zap-log-level=2"],
-                                      self.workdir / "kueue.log", env=env)
+        # With its own certificate management off, Kueue reads its metrics certificate from the fixed path
+        # /etc/kueue/metrics/certs and exits without it. Rather than write into this machine's /etc, it
+        # runs in a mount namespace of its own where /etc is a folder holding just that (Kueue is a static
+        # binary and reaches the API server by IP with the kubeconfig's CA: it needs nothing else there).
+        etc = self.workdir / "etc"
+        (etc / "kueue" / "metrics").mkdir(parents=True, exist_ok=True)
+        if not (etc / "kueue" / "metrics" / "certs").exists():
+            (etc / "kueue" / "metrics" / "certs").symlink_to(cert_dir)
+        argv = [*PRIVATE_ETC, str(etc), str(KUEUE_BINARY), f"--config={config_path}",
+                "--feature-gates=VisibilityOnDemand=false", "--zap-log-level=2"]
+        self.process = ManagedProcess("kueue", argv, self.workdir / "kueue.log", env=env)
         self._wait_ready(health_port, certs["ca_cert"], timeout_s)
         return self
+
+    def _wait_established(self, names: list[str], timeout_s: float = 60) -> None:
+        """`kubectl wait` fails on a CRD whose status the API server has not written yet: poll instead."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            crds = json.loads(self.kubectl_run("get", "crd", *names, "-o", "json"))["items"]
+            if all(any(c["type"] == "Established" and c["status"] == "True"
+                       for c in (crd.get("status") or {}).get("conditions") or []) for crd in crds):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Kueue's CRDs not Established after {timeout_s:.0f} s")
+            time.sleep(0.5)
 
     def _ensure_namespace(self, name: str) -> None:
         manifest = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
