@@ -3,8 +3,9 @@
 
 In a container the entrypoint's python is PID 1, and PID 1 ignores SIGTERM until it installs a
 handler: before jobs/*.py did so first, a SIGTERM during the seconds TensorFlow takes to load was
-lost, the stage ran on, and the kubelet's SIGKILL after the grace period (exit 137) was counted
-against the index's retries. Here each entrypoint runs as PID 1 of its own PID namespace.
+lost, the stage ran on (holding its GPU) until the kubelet's SIGKILL after the grace period (exit 137,
+counted against the index's retries wherever the pod had no DisruptionTarget condition and the Job
+controller still tracked it). Here each entrypoint runs as PID 1 of its own PID namespace.
 """
 
 from __future__ import annotations
