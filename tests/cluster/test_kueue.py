@@ -426,3 +426,17 @@ def test_flex_start_waits_for_provisioned_capacity_then_starts(make_queues: Any)
     assert st.queue_reason(queues.client, queues.job(name), {}) is None
     assert (queues.workload_condition(name, "Admitted") or {}).get("status") == "True"
     print(f"flex-start, provisioned: {summary(queues, name)}")
+
+
+def test_the_launcher_refuses_a_queue_that_does_not_exist(make_queues: Any) -> None:
+    queues = make_queues({}, {})
+    config = mf.with_launch_options(load_config(mf.CLUSTER_CONFIG), bucket="gs://b-kueue/p",
+                                    image="europe-docker.pkg.dev/p/r/pneumonia:0.1.0", namespace=queues.namespace,
+                                    run_id="no-queue", queue_name="no-such-queue")
+    objects = mf.build_manifests(mf.load_manifests(), config)
+    launcher = ln.Launcher(queues.client, objects, config, st.FollowOptions(poll_s=0.1), io.StringIO())
+    with pytest.raises(kc.LaunchError, match="LocalQueue no-such-queue .* does not exist in namespace"):
+        launcher.preflight(mf.stage_jobs(objects), setup=False)
+    # The example queue's LocalQueue passes the same check.
+    launcher.config = mf.with_launch_options(config, queue_name=queues.local_queue)
+    launcher.preflight(mf.stage_jobs(objects), setup=False)
