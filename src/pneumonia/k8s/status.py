@@ -112,16 +112,18 @@ def explain_pending(pod: Any, events: list[Any]) -> str | None:
     return None
 
 
-# The scheduler's summary of one attempt: "0/7 nodes are available: 3 node(s) didn't match Pod's node
-# affinity/selector, 4 Insufficient nvidia.com/gpu. preemption: 0/7 nodes are available: ..." (one count
-# per reason, over every node; the preemption part repeats the nodes and is left out).
-_UNSCHEDULABLE = re.compile(r"0/(?P<total>\d+) nodes are available: (?P<reasons>.*?)\.?(?: preemption:.*)?$")
+# The scheduler's summary of one attempt (kube-scheduler 1.36, as the cluster tests record it):
+#   0/7 nodes are available: 3 node(s) didn't match Pod's node affinity/selector, 4 Insufficient
+#   nvidia.com/gpu. no new claims to deallocate, preemption: 0/7 nodes are available: 7 Preemption ...
+# One count per reason, over every node; the summary ends at the first ". " (reasons hold dots, as in
+# nvidia.com/gpu, but never a dot and a space).
+_UNSCHEDULABLE = re.compile(r"0/(?P<total>\d+) nodes are available: (?P<reasons>.*?)\.(?:\s|$)")
 _REASON = re.compile(r"(?:^|, )(?P<count>\d+) (?P<reason>.+?)(?=, \d+ |$)")
 
 
 def node_reasons(message: str) -> tuple[int, dict[str, int]] | None:
     """(nodes, {reason: nodes it excluded}) from a scheduler message, or None if it is not one."""
-    found = _UNSCHEDULABLE.match(message.strip())
+    found = _UNSCHEDULABLE.search(message)
     if found is None:
         return None
     reasons = {match["reason"]: int(match["count"]) for match in _REASON.finditer(found["reasons"])}
@@ -146,8 +148,10 @@ def _scheduling_hints(messages: list[str]) -> list[str]:
         hints.append(f"not enough free {mf.GPU_RESOURCE}{on(f'Insufficient {mf.GPU_RESOURCE}')}: the GPU node pool "
                      "is full, at its maximum size, out of regional GPU quota, or still scaling up")
     if "untolerated taint" in text:
-        hints.append(f"nodes carry a taint the pod does not tolerate{on('untolerated taint')} (see the taints the "
-                     "scheduler lists)")
+        # kube-scheduler 1.36 no longer names the taint ("had untolerated taint(s)"): say where to look.
+        hints.append(f"nodes carry a taint the pod does not tolerate{on('untolerated taint')}; `kubectl describe "
+                     f"nodes` lists them (GKE taints GPU nodes {mf.GPU_RESOURCE}=present:NoSchedule, which only pods "
+                     f"requesting {mf.GPU_RESOURCE} tolerate)")
     # The nodes of other pools never match a GPU pod's selector: a cause only when no node matches it.
     selector = ("node affinity/selector", "node(s) didn't match")
     if excluded(*selector) == summary[0] if summary else any(fragment in text for fragment in selector):
@@ -155,7 +159,7 @@ def _scheduling_hints(messages: list[str]) -> list[str]:
                      f"({mf.GPU_NODE_LABEL}) the run asks for? (--gpu-type)")
     for resource in ("cpu", "memory", "ephemeral-storage"):
         if f"Insufficient {resource}" in text:
-            hints.append(f"no node has enough free {resource} for the pod's requests{on(f'Insufficient {resource}')}")
+            hints.append(f"not enough free {resource} for the pod's requests{on(f'Insufficient {resource}')}")
     if "max node group size reached" in text or "max cluster" in text:
         hints.append("the autoscaler reached the node pool's maximum size")
     return hints or ["the scheduler found no node (message below)"]
