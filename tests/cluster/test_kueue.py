@@ -62,8 +62,7 @@ class Queues:
         self.core = kubernetes.client.CoreV1Api(self.api)
         self.batch = kubernetes.client.BatchV1Api(self.api)
         self.suffix = unique_name("kq").split("-", 1)[1]
-        self.namespace = create_namespace(self.core, f"kueue-{self.suffix}")
-        self.core.create_namespaced_service_account(self.namespace, {"metadata": {"name": "pneumonia"}})
+        self.namespace = create_namespace(self.core, f"kueue-{self.suffix}")  # with the pods' ServiceAccount
         self.client = kc.KubeClient(namespace=self.namespace, api_client=self.api)
         self.created: list[tuple[str, str]] = []  # (plural, name) of cluster-scoped objects
         self.nodes: list[str] = []
