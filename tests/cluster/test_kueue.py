@@ -349,6 +349,9 @@ def test_preemption_by_kueue_costs_no_retry_whatever_the_exit_code(make_queues: 
     terminating = wait_for(lambda: len(t := [p for p in queues.pods(victim) if p.metadata.deletion_timestamp]) == 2
                            and t, 30, "both workers terminating")
     assert not [c for p in terminating for c in p.status.conditions or [] if c.type == "DisruptionTarget"]
+    # Deleted gracefully: the kubelet gives each worker the pod's terminationGracePeriodSeconds (120 s in
+    # manifests/31-train-job.yaml) after SIGTERM to save its backup and exit 143.
+    assert {p.metadata.deletion_grace_period_seconds for p in terminating} == {120}
     kubelet_stops(queues, victim, exit_code)
     # The preemptor gets the GPUs; when it is gone, the victim is admitted again and recreated.
     wait_for(lambda: queues.job(preemptor).spec.suspend is False, 60, "the preemptor admitted")
