@@ -459,7 +459,7 @@ def test_the_role_grants_exactly_what_the_launcher_checks() -> None:
     granted = {(verb, group, resource) for rule in role["rules"] for group in rule["apiGroups"]
                for resource in rule["resources"] for verb in rule["verbs"]}
     needed = {(a.verb, a.group, f"{a.resource}/{a.subresource}" if a.subresource else a.resource)
-              for a in kc.REQUIRED_ACCESS}
+              for a in (*kc.REQUIRED_ACCESS, *kc.KUEUE_ACCESS)}
     assert granted == needed  # the launcher polls: no watch, nothing beyond its needs
 
 
