@@ -102,6 +102,12 @@ class ShardConfig:
     # jpeg (quality 95) measured faster to write, 2-3x faster to read and half the bytes of png, at
     # a PSNR of 41 dB or more against the resized source (bench/README.md); png stays for exactness.
     encoding: str = setting("jpeg", decides=(SHARDS,))
+    # How a film of another shape than image_height x image_width fits it: crop (scale to cover, cut
+    # the centre) or pad (letterbox on black). Real films' shape tells their class (normal width /
+    # height median 1.21, pneumonia ~1.5), and letterboxing hands that to the model: on the demo
+    # archive with classes told apart by shape alone, pad trains to a high kappa, crop to chance
+    # (docs/shortcuts.md). crop cuts the sides of wide films; pad keeps them.
+    fit: str = setting("crop", decides=(SHARDS,))
     # Target bytes per shard file; the count is then raised to at least min_shards_per_split
     # and to the number of training workers, so FILE autosharding always has files to hand out.
     target_shard_bytes: int = setting(100 * 1024**2, decides=(SHARDS,))
@@ -123,6 +129,7 @@ class ShardConfig:
             _require(16 <= value <= 4096, f"shard.{name}", value, "between 16 and 4096 pixels")
         _require(self.channels in (1, 3), "shard.channels", self.channels, "1 (grayscale) or 3 (RGB)")
         _require(self.encoding in ("png", "jpeg"), "shard.encoding", self.encoding, "png or jpeg")
+        _require(self.fit in ("crop", "pad"), "shard.fit", self.fit, "crop (centre crop to the target's shape) or pad")
         _require(self.target_shard_bytes > 0, "shard.target_shard_bytes", self.target_shard_bytes, "> 0")
         _require(self.min_shards_per_split >= 1, "shard.min_shards_per_split", self.min_shards_per_split, ">= 1")
         _require(self.num_workers >= 1, "shard.num_workers", self.num_workers, ">= 1")
