@@ -458,7 +458,7 @@ def test_the_writer_takes_records_in_batches_yet_an_unreadable_one_fails_at_its_
     (tmp_path / "3.jpeg").write_bytes(b"this is not an image")
 
     def load(path: tf.Tensor) -> tuple:
-        resized, original_height, original_width = imaging.load_resized(tf.io.read_file(path), 32, 32, 1)
+        resized, original_height, original_width = imaging.load_resized(tf.io.read_file(path), 32, 32, 1, fit="pad")
         return imaging.encode(resized, "png"), original_height, original_width
 
     records = shard._encoded_records(paths, load)  # noqa: SLF001 - the writer's own reader
