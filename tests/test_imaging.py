@@ -237,3 +237,44 @@ def test_psnr() -> None:
     a = np.zeros((4, 4))
     assert imaging.psnr_db(a, a) == float("inf")
     assert imaging.psnr_db(a, a + 1) == pytest.approx(48.13, abs=0.01)
+
+
+@pytest.mark.parametrize("size, covering", [((600, 300), (128, 64)), ((300, 600), (64, 128)), ((64, 64), (64, 64)),
+                                            ((20, 10), (128, 64)), ((99, 100), (64, 65))])
+def test_covering_size_keeps_the_aspect_ratio_and_covers_the_target(size, covering) -> None:  # noqa: ANN001
+    height, width = imaging.covering_size(*size, 64, 64)
+    assert (int(height), int(width)) == covering
+
+
+@pytest.mark.parametrize("run", [eager, in_tf_data])
+def test_crop_fills_the_target_with_the_film_s_centre_whatever_its_shape(run) -> None:  # noqa: ANN001
+    # A wide film: black sides, a white centre square. Cropped to a square, it is all white (the
+    # sides are cut); letterboxed, it shows bars above and below and the black sides.
+    wide = np.zeros((100, 180, 1), np.uint8)
+    wide[:, 40:140] = 255
+    cropped = run(lambda image: imaging.resize_to_target(image, 32, 32, "crop"), wide)
+    assert cropped.shape == (32, 32, 1) and cropped.min() >= 250
+    padded = run(lambda image: imaging.resize_to_target(image, 32, 32, "pad"), wide)
+    assert padded[:7].max() == 0 and padded[25:].max() == 0 and padded[16, 16, 0] == 255
+    # Tall too: the crop keeps the middle rows.
+    tall = np.zeros((180, 100, 1), np.uint8)
+    tall[40:140] = 255
+    assert run(lambda image: imaging.resize_to_target(image, 32, 32, "crop"), tall).min() >= 250
+    # A film of films: every shape fills the target, so nothing outside the film can tell its shape.
+    for height, width in ((140, 160), (140, 260), (300, 200), (20, 70)):
+        film = np.full((height, width, 1), 200, np.uint8)
+        assert run(lambda image: imaging.resize_to_target(image, 32, 32, "crop"), film).min() == 200
+
+
+def test_crop_from_a_scaled_jpeg_decode_is_close_to_a_full_decode() -> None:
+    data = radiograph_jpeg(seed=4, scale=6.0)
+    out, height, width = imaging.load_resized(tf.constant(data), 64, 64, 1, fit="crop")
+    assert imaging.jpeg_scale_ratio(height, width, 64, 64, "crop") >= 2  # really decoded smaller
+    full = tf.io.decode_jpeg(data, channels=1, dct_method=imaging.JPEG_DCT_METHOD)
+    reference = imaging.resize_to_target(full, 64, 64, "crop").numpy()
+    assert imaging.psnr_db(reference, out.numpy()) > 40
+
+
+def test_an_unknown_fit_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown fit 'stretch'"):
+        imaging.load_resized(tf.constant(radiograph_jpeg(seed=1)), 32, 32, 1, fit="stretch")

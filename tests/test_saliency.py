@@ -162,6 +162,6 @@ def test_a_planted_shortcut_is_named_by_the_check(tmp_path: Path):
         stage(name, args, timeout_s)
     report_dir = root / "runs" / "shortcut" / "report"
     found = json.loads((report_dir / "metrics.json").read_text())["saliency"]
-    assert [warning.split(":")[0] for warning in found["warnings"]] == ["virus"], found
-    assert found["border_share"]["virus"] >= saliency.BORDER_SHARE_WARN
+    assert {warning.split(":")[0] for warning in found["warnings"]} == {"virus"}, found
+    assert found["recall_border_hidden"]["virus"] <= found["recall"]["virus"] - saliency.BORDER_RECALL_DROP_WARN
     assert "**Warning**: virus:" in (report_dir / "report.md").read_text()

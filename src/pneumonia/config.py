@@ -236,6 +236,11 @@ class ClusterConfig:
     peer_wait_timeout_s: int = setting(600, resume=FREE)
     # How long a stage waits for its upstream _SUCCESS.json (0: fail at once if it is missing).
     upstream_wait_timeout_s: int = setting(0, resume=FREE)
+    # Kueue's LocalQueue in cluster.namespace ("": no Kueue). Set, every Job carries the
+    # kueue.x-k8s.io/queue-name label and is created suspended: Kueue starts it once quota (and
+    # capacity, for flex-start) for all of its pods is there (docs/gpus-on-gke.md). Where a run
+    # queues, not what it trains: a resume may change it.
+    queue_name: str = setting("", resume=FREE)
 
     def validate(self) -> None:
         _require(self.num_workers >= 1, "cluster.num_workers", self.num_workers, ">= 1")
@@ -244,6 +249,10 @@ class ClusterConfig:
         _require(self.peer_wait_timeout_s >= 0, "cluster.peer_wait_timeout_s", self.peer_wait_timeout_s, ">= 0")
         _require(self.upstream_wait_timeout_s >= 0, "cluster.upstream_wait_timeout_s",
                  self.upstream_wait_timeout_s, ">= 0")
+        # A label value that names an object: a DNS subdomain of at most 63 characters.
+        _require(self.queue_name == "" or re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?", self.queue_name)
+                 is not None, "cluster.queue_name", self.queue_name,
+                 "empty (no Kueue) or the name of a Kueue LocalQueue (lower-case letters, digits, '-', '.')")
 
 
 @dataclass(frozen=True)

@@ -320,9 +320,10 @@ def _draw_marker(image: np.ndarray, marker: Marker, rng: np.random.Generator) ->
     # Letters as a technician's marker burns them in: bright, about the square's height; along a
     # side edge a word runs vertically, as on real films, so it stays inside the border band.
     font = ImageFont.load_default(size=size)
-    x0, y0, x1, y1 = font.getbbox(marker.kind)
+    stroke = max(1, round(size / 12))  # bold, as burned-in letters are: thin strokes vanish in a 64 px shard
+    x0, y0, x1, y1 = font.getbbox(marker.kind, stroke_width=stroke)
     text = Image.new("L", (x1 - x0, y1 - y0), 0)
-    ImageDraw.Draw(text).text((-x0, -y0), marker.kind, fill=255, font=font)
+    ImageDraw.Draw(text).text((-x0, -y0), marker.kind, fill=255, font=font, stroke_width=stroke, stroke_fill=255)
     if place in ("left", "right") and len(marker.kind) > 1:
         text = text.rotate(90, expand=True)
     glyphs = np.asarray(text, np.float32) / 255.0
