@@ -168,7 +168,7 @@ def test_the_serving_signature_resizes_with_the_run_s_fit(fit):
     model = zoo.build_model(ModelConfig(name="small_cnn", weights="none", trainable="full", input_size=32,
                                         dense_units=(8,)), (32, 32, 1))
     wide = _encode(demo.render_image("virus", np.random.default_rng(3), size=(60, 110)), "PNG")
-    served = export.serving_function(model, 1.0, shard)(tf.constant([wide]))
+    served = export.serving_function(model, calibration.Calibration(), shard)(tf.constant([wide]))
     other = "pad" if fit == "crop" else "crop"
     mine, theirs = (imaging.model_input(tf.constant(wide), 32, 32, 1, "png", fit=f)[tf.newaxis] for f in (fit, other))
     np.testing.assert_allclose(served["probabilities"].numpy(), model(mine, training=False).numpy(), atol=1e-6)
