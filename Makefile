@@ -50,6 +50,8 @@ PYTEST_ARGS ?=
 # Test processes (pytest-xdist); 0 runs the suite in this process.
 TEST_JOBS ?= 2
 BENCH_ARGS ?=
+# bench/bench_quality.py's own flags, e.g. QUALITY_ARGS='--rates 0.2' (the acceptance case alone)
+QUALITY_ARGS ?=
 # --fresh: rebuild the stand-in base and the image from scratch (a cold run)
 IMAGE_TEST_ARGS ?=
 
@@ -127,9 +129,10 @@ lint: setup ## Lint Python (ruff), the Dockerfile (hadolint) and the manifests (
 	$(VENV)/bin/kubernetes-validate --strict -k 1.30.0 -k 1.37.0 manifests/*.yaml
 
 .PHONY: bench
-bench: setup ## Benchmarks: shard/loader throughput and training images/s versus baselines (bench/results/)
+bench: setup ## Benchmarks: shard/loader throughput, training images/s, quality against a known ceiling (bench/results/)
 	$(PY) bench/bench_data.py $(BENCH_ARGS)
 	$(PY) bench/bench_train.py $(BENCH_ARGS)
+	$(PY) bench/bench_quality.py $(QUALITY_ARGS)
 
 .PHONY: image
 image: ## Build the image IMAGE (BASE_IMAGE=tensorflow/tensorflow:2.21.0 for CPU, BAKE_WEIGHTS=1; needs Docker)

@@ -12,7 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from pneumonia.data import demo
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,3 +68,31 @@ def test_preemption_benchmark_runs_two_workers_and_times_every_schedule(tmp_path
     assert [rows[name]["agreements_per_epoch"] for name in ("every step", "every 3 steps", "epoch end only")] == [6, 2, 1]
     assert all(row["step_ms"] > 0 for row in rows.values())
     assert "step ms" in completed.stdout
+
+
+@pytest.mark.slow
+def test_quality_benchmark_compares_a_run_with_its_known_answers(tmp_path: Path) -> None:
+    # A smoke run (120 films, 1 epoch): too small for the acceptance to hold, so exit 1 is
+    # allowed; what is checked is that the known answers and the report's figures line up.
+    out = tmp_path / "quality.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_quality.py"), "--num-images", "120", "--rates", "0.2",
+         "--epochs", "1", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert completed.returncode in (0, 1), completed.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["results"]
+    truth = json.loads(Path(demo.truth_path(str(tmp_path / "work" / "noise-0.2" / "raw" / "demo-chest-xray.zip")))
+                       .read_text())
+    test = [film for film in truth["films"] if film["path"].startswith("chest_xray/test/")]
+    assert row["num_test_images"] == row["num_test_films"] == len(test) > 0
+    assert row["best_accuracy"] == pytest.approx(np.mean([not film["moved"] for film in test]))
+    assert row["ideal_confidence"] == pytest.approx(0.8)
+    assert row["accuracy_gap"] == pytest.approx(row["accuracy"] - row["best_accuracy"])
+    # The pipeline's own calibration, refitted from the run's val predictions, gives the report's figures.
+    assert row["methods"]["prior_temperature"]["mean_confidence"] == pytest.approx(row["calibrated_confidence"],
+                                                                                    abs=1e-4)
+    assert row["methods"]["prior_temperature"]["ece"] == pytest.approx(row["ece"], abs=1e-4)
+    assert set(row["checks"]) == {"calibrated ECE <= raw ECE", "|confidence - best accuracy| <= 0.03",
+                                  "calibrated ECE <= 0.05"}
+    assert (completed.returncode == 0) == all(row["checks"].values())
+    assert "| label noise | best accuracy (test)" in completed.stdout

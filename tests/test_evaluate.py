@@ -38,6 +38,9 @@ HISTORY = {  # as training writes it, with a gap: epoch 0 has no validation numb
                {"epoch": 1, "loss": 0.9, "cohen_kappa": 0.3, "val_loss": 1.0, "val_cohen_kappa": 0.25},
                {"epoch": 2, "loss": 0.7, "cohen_kappa": 0.5, "val_loss": 0.95, "val_cohen_kappa": 0.4}],
     "training_seconds": 12.5,
+    # The loss's class weights: the calibration undoes their prior shift, a non-trivial map even
+    # where val is too small to fit a temperature.
+    "class_weights": [1.3, 0.7, 1.2],
 }
 
 
@@ -101,8 +104,8 @@ def test_metrics_equal_scikit_learn_on_the_models_own_predictions(trained_run, e
     assert evaluated["num_images"] == len(records) > 0
     images = np.stack([imaging.to_float(imaging.decode_stored(r.image, 32, 32, 1)).numpy() for r in records])
     labels = np.array([r.label for r in records])
-    temperature = calibration.load_temperature(Layout.of(trained_run.config), RUN_ID)
-    probabilities = calibration.apply_temperature(trained_run.model(images, training=False).numpy(), temperature)
+    fitted = calibration.load_calibration(Layout.of(trained_run.config), RUN_ID)
+    probabilities = fitted.apply(trained_run.model(images, training=False).numpy())
     predictions = probabilities.argmax(axis=1)
 
     # The pipeline's order is its own; compare order-free facts plus per-image rows by path.
@@ -145,10 +148,11 @@ def tensorboard_scalars(folder: Path) -> dict[str, float]:
 
 def test_patient_bootstrap_binary_view_and_calibration_are_in_metrics_report_and_tensorboard(trained_run, evaluated):
     records, labels, raw = model_outputs(trained_run)
-    # The run's temperature when it was evaluated (1 without calibration.json; another test here may
-    # have fitted one): everything evaluate reports is calibrated with it, the ECE "before" excepted.
-    temperature = evaluated["calibration"]["temperature"]
-    probabilities = apply_temperature(raw, temperature)
+    # The run's calibration when it was evaluated: everything evaluate reports is calibrated with it,
+    # the "before" figures excepted.
+    summary = evaluated["calibration"]
+    fitted = calibration.Calibration(summary["temperature"], tuple(summary["bias"]))
+    probabilities = fitted.apply(raw)
     info = evaluated["bootstrap"]
     assert info["unit"] == "patient" and info["resamples"] >= 1000
     assert info["num_patients"] == len({r.patient for r in records}) < len(records)  # several films per patient
@@ -168,11 +172,18 @@ def test_patient_bootstrap_binary_view_and_calibration_are_in_metrics_report_and
     # The demo archive has a test/ folder (official mode) but is not the published test set.
     assert binary["reference"]["same_test_set"] is False and binary["reference"]["accuracy"] == 0.928
 
-    # ECE on the raw and on the calibrated probabilities, computed by hand.
-    assert temperature == calibration.load_temperature(Layout.of(trained_run.config), RUN_ID) or temperature == 1.0
-    assert evaluated["calibration"]["ece"] == {
+    # ECE on the raw and on the calibrated probabilities, computed by hand; the debiased ECE within its interval.
+    assert fitted == calibration.load_calibration(Layout.of(trained_run.config), RUN_ID)
+    assert summary["method"] == "prior_temperature" and summary["class_weights"] == HISTORY["class_weights"]
+    assert summary["bias"] == pytest.approx(-np.log(HISTORY["class_weights"]))  # val too small to fit: T = 1
+    assert summary["fitted"] is False and "fewer than" in summary["reason"]
+    assert summary["ece"] == {
         "before": pytest.approx(uncertainty.reliability(labels, raw).ece, abs=1e-6),
         "after": pytest.approx(uncertainty.reliability(labels, probabilities).ece, abs=1e-6)}
+    assert summary["mean_confidence"]["after"] == pytest.approx(probabilities.max(axis=1).mean(), abs=1e-6)
+    for key in ("before", "after"):
+        low, high = summary["ece_ci95"][key]
+        assert 0.0 <= low <= summary["ece_debiased"][key] <= summary["ece"][key] <= high
 
     text = (Path(trained_run.run_dir) / "report" / "report.md").read_text()
     for heading in ("## Pneumonia versus normal", "## Calibration", "patient-level bootstrap", "Kermany et al. 2018",
@@ -203,9 +214,11 @@ def test_the_runs_temperature_calibrates_what_evaluate_reports(trained_run, eval
     assert calibrated["calibration"]["ece"]["before"] == pytest.approx(evaluated["calibration"]["ece"]["before"])
     assert calibrated["calibration"]["ece"]["after"] == pytest.approx(uncertainty.reliability(labels, expected).ece)
     assert calibrated["calibration"]["ece"]["after"] != pytest.approx(calibrated["calibration"]["ece"]["before"])
-    assert calibrated["confusion_matrix"] == evaluated["confusion_matrix"]  # the argmax does not move
+    # T alone does not move the argmax (the run's own calibration, with its prior bias, may).
+    assert calibrated["confusion_matrix"] == confusion_matrix(labels, raw.argmax(axis=1), labels=[0, 1, 2]).tolist()
     assert calibrated["binary"]["auc"] == pytest.approx(roc_auc_score(labels != 0, 1 - expected[:, 0]), abs=1e-6)
-    assert "Temperature T = 2.500" in (run_dir / "report" / "report.md").read_text()
+    assert "a temperature T alone; T = 2.500, fitted on 10 validation images" in (
+        run_dir / "report" / "report.md").read_text()
 
 
 def test_report_files_plots_config_and_marker(trained_run, evaluated):

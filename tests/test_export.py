@@ -59,8 +59,17 @@ def test_serving_on_source_files_is_evaluate_exactly(run, request):
     for path, (probabilities, predicted) in evaluated.items():
         assert served[path][1] == predicted, path
         np.testing.assert_allclose(served[path][0], probabilities, atol=1e-5, err_msg=path)
-    # Calibrated on both sides: a temperature was fitted and it is not a no-op here.
-    assert calibration.load_temperature(Layout.of(trained.config), RUN_ID) != 1.0
+    # Calibrated on both sides, and not a no-op here: the class-weight prior is undone.
+    assert not calibration.load_calibration(Layout.of(trained.config), RUN_ID).is_identity
+
+
+def test_the_graph_applies_the_calibration_exactly_as_the_report_does():
+    probabilities = np.random.default_rng(4).dirichlet([0.5, 0.5, 0.5], 64).astype(np.float32)
+    probabilities[0] = [1.0, 0.0, 0.0]  # float32 underflow: the floor keeps it finite on both sides
+    for fitted in (calibration.Calibration(), calibration.Calibration(1.7, (0.0, -0.4, 0.3)),
+                   calibration.Calibration(0.6, tuple(-np.log([1.3, 0.7, 1.2]) / 0.6))):
+        graph = export.apply_calibration(tf.constant(probabilities), fitted).numpy()
+        np.testing.assert_allclose(graph, fitted.apply(probabilities), atol=2e-6)
 
 
 def test_the_signature_takes_image_bytes_and_returns_probabilities_and_class(png_run):
@@ -110,9 +119,10 @@ def test_a_tf_serving_rest_body_with_b64_images_decodes_and_predicts(png_run):
     predictions = json.loads(tf_serving_predict(served, body))["predictions"]
 
     model = png_run.model
-    temperature = calibration.load_temperature(Layout.of(png_run.config), RUN_ID)
-    images = np.stack([imaging.model_input(tf.constant(f), 32, 32, 1, "png", fit=png_run.config.shard.fit).numpy() for f in files])
-    want = calibration.apply_temperature(model(images, training=False).numpy(), temperature)
+    fitted = calibration.load_calibration(Layout.of(png_run.config), RUN_ID)
+    images = np.stack([imaging.model_input(tf.constant(f), 32, 32, 1, "png", fit=png_run.config.shard.fit).numpy()
+                       for f in files])
+    want = fitted.apply(model(images, training=False).numpy())
     assert len(predictions) == len(files)
     for prediction, expected in zip(predictions, want, strict=True):
         np.testing.assert_allclose(prediction["probabilities"], expected, atol=1e-5)
@@ -134,7 +144,10 @@ def test_training_exports_the_best_weights_of_a_mixed_precision_run_in_float32(t
     assert done["export"]["best_value"] == done["best"]["value"]
     record = json.loads((run_dir / "calibration.json").read_text())
     assert record["temperature"] == done["export"]["temperature"] and record["fitted_on"] == "val"
-    assert record["nll"]["after"] <= record["nll"]["before"] and record["num_images"] > 0
+    assert record["num_images"] > 0 and record["method"] == "prior_temperature"
+    # 60 demo images leave val too small for a fit: T = 1 and the prior correction alone, said so.
+    assert record["fitted"] is False and record["temperature"] == 1.0 and "fewer than" in record["reason"]
+    assert record["bias"] == pytest.approx(-np.log(record["class_weights"])) == done["export"]["bias"]
     assert (run_dir / "calibration.json").stat().st_mtime_ns <= (run_dir / "_SUCCESS.json").stat().st_mtime_ns
 
     exported = keras.models.load_model(str(run_dir / "model" / "1"), compile=False)
@@ -155,7 +168,7 @@ def test_the_serving_signature_resizes_with_the_run_s_fit(fit):
     model = zoo.build_model(ModelConfig(name="small_cnn", weights="none", trainable="full", input_size=32,
                                         dense_units=(8,)), (32, 32, 1))
     wide = _encode(demo.render_image("virus", np.random.default_rng(3), size=(60, 110)), "PNG")
-    served = export.serving_function(model, 1.0, shard)(tf.constant([wide]))
+    served = export.serving_function(model, calibration.Calibration(), shard)(tf.constant([wide]))
     other = "pad" if fit == "crop" else "crop"
     mine, theirs = (imaging.model_input(tf.constant(wide), 32, 32, 1, "png", fit=f)[tf.newaxis] for f in (fit, other))
     np.testing.assert_allclose(served["probabilities"].numpy(), model(mine, training=False).numpy(), atol=1e-6)

@@ -42,7 +42,8 @@ def write_run(layout: Layout, run_id: str, *overrides: str, epochs_done: int, st
     probabilities /= probabilities.sum(axis=1, keepdims=True)
     metrics = {**report.compute_metrics(labels, probabilities, CLASS_NAMES),
                **uncertainty.bootstrap(labels, probabilities, [f"p{i // 3}" for i in range(90)], CLASS_NAMES),
-               "calibration": report.calibration_summary(labels, probabilities, probabilities, 1.0)}
+               "calibration": report.calibration_summary(labels, probabilities, probabilities,
+                                                         [f"p{i // 3}" for i in range(90)], None)}
     storage.write_json(storage.join(layout.report(run_id), "metrics.json"), metrics)
     return metrics
 

@@ -7,9 +7,10 @@ local folder and gs://. Writes report/{metrics.json, predictions.jsonl, report.m
 confusion_matrix.png, training_curves.png, roc.png, reliability.png, gradcam.png, config.yaml}, then
 report/_SUCCESS.json.
 
-The run's temperature (runs/<run_id>/calibration.json, fitted on val when training ended) is
-applied to the model's probabilities before anything is measured or written: predictions.jsonl and
-every metric use calibrated probabilities; only the ECE "before" uses the raw ones.
+The run's calibration (runs/<run_id>/calibration.json, fitted on val when training ended: the
+class-weight prior undone, then a temperature) is applied to the model's probabilities before
+anything is measured or written, exactly as the serving signature applies it: predictions.jsonl and
+every metric use calibrated probabilities; only the "before" figures use the raw ones.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pneumonia.trained import checkpoint_path, load_run_config, load_trained_mod
 log = get_logger(__name__)
 
 # Bump when the report's content changes, so a finished report from older code is redone.
-REPORT_VERSION = 2
+REPORT_VERSION = 3
 
 
 def check_test_shards_fit_run(run_id: str, run_marker: dict[str, Any], run_config: PipelineConfig,
@@ -77,8 +78,9 @@ def run(config: PipelineConfig) -> dict[str, Any]:
                               processed_dir)
     test_shards = pipeline.shard_paths(processed_dir, "test", marker)
     weights_path = checkpoint_path(run_dir)
-    temperature = calibration.load_temperature(layout, run_id)
-    fingerprint = _fingerprint(weights_path, marker, temperature, config.report)
+    calibration_record = calibration.load_record(layout, run_id)
+    fitted = calibration.Calibration() if calibration_record is None else calibration.from_record(calibration_record)
+    fingerprint = _fingerprint(weights_path, marker, fitted, config.report)
     report_dir = layout.report(run_id)
     report_marker = layout.report_marker(run_id)
     if storage.exists(report_marker):
@@ -96,10 +98,11 @@ def run(config: PipelineConfig) -> dict[str, Any]:
         model, progress.track(dataset, "evaluate: predict", expected, count=_batch_size))
     if len(labels) != expected:
         raise BadInputError(f"read {len(labels)} test images from {processed_dir}, its marker lists {expected}")
-    probabilities = calibration.apply_temperature(raw_probabilities, temperature)
+    probabilities = fitted.apply(raw_probabilities)
     metrics = {"run_id": run_id, **report.compute_metrics(labels, probabilities, CLASS_NAMES),
                **_uncertainty(labels, probabilities, patients, run_config),
-               "calibration": report.calibration_summary(labels, raw_probabilities, probabilities, temperature),
+               "calibration": report.calibration_summary(labels, raw_probabilities, probabilities, patients,
+                                                         calibration_record),
                "checkpoint": weights_path, "test_shards": test_shards}
     metrics["saliency"], gradcam_png = shortcut_check(model, run_config, processed_dir, test_shards, labels,
                                                       probabilities, paths, config.report.saliency_images)
@@ -119,7 +122,7 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     storage.write_bytes(storage.join(report_dir, "training_curves.png"), report.plot_training_curves(history))
     storage.write_bytes(storage.join(report_dir, "roc.png"), report.plot_roc(labels, probabilities, CLASS_NAMES))
     storage.write_bytes(storage.join(report_dir, "reliability.png"),
-                        report.plot_reliability(labels, raw_probabilities, probabilities, temperature))
+                        report.plot_reliability(labels, raw_probabilities, probabilities, fitted.temperature))
     # The config that produced this report: this stage's, with the model and shard size it evaluated.
     resolved = config.replace(model=run_config.model, shard=run_config.shard)
     storage.write_text(storage.join(report_dir, CONFIG_NAME), resolved.to_yaml())
@@ -159,11 +162,13 @@ def _batch_size(batch: tuple) -> int:
     return int(batch[0].shape[0])
 
 
-def _fingerprint(weights_path: str, marker: dict[str, Any], temperature: float, report_config: ReportConfig) -> str:
+def _fingerprint(weights_path: str, marker: dict[str, Any], fitted: calibration.Calibration,
+                 report_config: ReportConfig) -> str:
     """What a finished report depends on: a change in any of it redoes the report."""
     test_shards = sorted((shard["name"], shard["sha256"]) for shard in marker["shards"] if shard["split"] == "test")
     payload = {"version": REPORT_VERSION, "weights_sha256": storage.sha256_file(weights_path),
-               "test_shards": test_shards, "temperature": temperature, "report": dataclasses.asdict(report_config)}
+               "test_shards": test_shards, "temperature": fitted.temperature,
+               "bias": list(fitted.bias or ()), "report": dataclasses.asdict(report_config)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

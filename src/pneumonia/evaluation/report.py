@@ -343,7 +343,9 @@ def bootstrap_note(metrics: Mapping[str, Any]) -> list[str]:
         return []
     lines = ["", f"95 % confidence intervals: patient-level bootstrap ({info['resamples']} resamples of the "
                  f"{info['num_patients']} test patients, whole patients drawn with replacement since a patient's "
-                 f"films are not independent; seed {info['seed']}; percentiles 2.5 and 97.5)."]
+                 f"films are not independent; seed {info['seed']}; "
+                 + ("BCa interval: percentiles 2.5 and 97.5 corrected for bias and skew, "
+                    "docs/report-statistics.md)." if info.get("method") == "bca" else "percentiles 2.5 and 97.5).")]
     if any(interval and interval[0] == interval[1] for interval in _top_intervals(metrics.get("ci95", {}))):
         bound = 3 / info["num_patients"]
         lines.append(f"An interval of zero width means every resample gave the same value (a perfect score, say); "
@@ -401,28 +403,79 @@ def binary_section(binary: Mapping[str, Any] | None) -> list[str]:
 
 
 def calibration_summary(labels: np.ndarray, raw_probabilities: np.ndarray, probabilities: np.ndarray,
-                        temperature: float) -> dict[str, Any]:
-    """metrics.json's `calibration`: the temperature applied and the ECE before (raw) and after it."""
-    before = uncertainty.reliability(labels, raw_probabilities).ece
-    after = uncertainty.reliability(labels, probabilities).ece
-    return {"temperature": float(temperature), "ece": {"before": before, "after": after},
+                        patients: Sequence[str], record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """metrics.json's `calibration`: what was applied (calibration.json's record) and, before (raw) and
+    after it, the mean top-class confidence and the ECE: plain, debiased and its 95 % interval."""
+    labels = np.asarray(labels)
+    record = dict(record or {"method": "none", "temperature": 1.0, "bias": None, "fitted": False,
+                             "reason": "no calibration.json (a run from before calibration existed): T = 1",
+                             "num_images": 0})
+    estimates = {"before": uncertainty.ece_estimate(labels, raw_probabilities, patients),
+                 "after": uncertainty.ece_estimate(labels, probabilities, patients)}
+    confidence = {"before": _mean_top(raw_probabilities), "after": _mean_top(probabilities)}
+    return {"method": record.get("method", "temperature"), "temperature": float(record["temperature"]),
+            "bias": record.get("bias"), "class_weights": record.get("class_weights"),
+            "fitted": record.get("fitted", True), "reason": record.get("reason"),
+            "num_val_images": record.get("num_images"),
+            "accuracy": float(np.mean(np.argmax(probabilities, axis=1) == labels)) if len(labels) else None,
+            "mean_confidence": confidence,
+            "ece": {key: value["plain"] for key, value in estimates.items()},
+            "ece_debiased": {key: value["debiased"] for key, value in estimates.items()},
+            "ece_ci95": {key: value["ci95"] for key, value in estimates.items()},
             "num_bins": uncertainty.ECE_BINS}
+
+
+def _mean_top(probabilities: np.ndarray) -> float | None:
+    return float(np.mean(np.max(probabilities, axis=1))) if len(probabilities) else None
+
+
+CONFIDENCE_TOLERANCE = 0.03  # how close a calibrated mean confidence should come to the accuracy
+
+_METHOD_TEXT = {
+    "prior_temperature": "the class-weight prior undone (log w subtracted from the log-probabilities: a "
+                         "class-weighted loss learns p proportional to w x P(class | film)), then a "
+                         "temperature T",
+    "vector_scaling": "a temperature T and a bias per class, fitted together (vector scaling)",
+    "temperature": "a temperature T alone",
+    "none": "nothing",
+}
 
 
 def calibration_section(summary: Mapping[str, Any] | None) -> list[str]:
     if not summary:
         return []
+    method = summary.get("method", "temperature")
     temperature = summary["temperature"]
-    fitted = (f"Temperature T = {temperature:.3f}, fitted on the validation split when training ended, divides "
-              "the log-probabilities of every reported probability." if temperature != 1.0 else
-              "T = 1: this run has no fitted temperature (runs/<run_id>/calibration.json is absent), so the "
-              "probabilities are the model's own.")
-    return ["", "## Calibration", "", fitted, "",
-            f"Expected calibration error ({summary['num_bins']} equal-width bins of the top-class confidence):", "",
-            "| probabilities | ECE |", "| --- | --- |",
-            f"| before temperature scaling | {with_ci(summary['ece']['before'])} |",
-            f"| after (T = {temperature:.3f}) | {with_ci(summary['ece']['after'])} |",
-            "", "The reliability diagram (`reliability.png`) shows accuracy against confidence per bin."]
+    fitted = summary.get("fitted", True)
+    applied = f"Calibration: {_METHOD_TEXT.get(method, method)}; T = {temperature:.3f}"
+    if summary.get("bias") is not None and method != "none":
+        applied += ", bias " + ", ".join(f"{b:+.3f}" for b in summary["bias"])
+    applied += (f", fitted on {summary.get('num_val_images')} validation images when training ended. "
+                if fitted else f". Not fitted: {summary.get('reason')}. ")
+    lines = ["", "## Calibration", "", applied + "The same map is applied to every reported probability "
+             "and by the served model.", "",
+             f"Expected calibration error ({summary['num_bins']} equal-width bins of the top-class confidence). "
+             "The plain ECE is biased upward on a few hundred images (binomial noise in each bin counts as "
+             "error); the debiased value removes the noise's expected share per bin, and the interval is the "
+             "patient bootstrap's (docs/report-statistics.md).", "",
+             "| probabilities | mean top-class confidence | ECE | ECE debiased [95 % CI] |", "| --- | --- | --- | --- |"]
+    debiased, interval = summary.get("ece_debiased", {}), summary.get("ece_ci95", {})
+    confidence = summary.get("mean_confidence", {})
+    for key, label in (("before", "raw (the model's own)"), ("after", "calibrated")):
+        lines.append(f"| {label} | {with_ci(confidence.get(key))} | {with_ci(summary['ece'][key])} | "
+                     f"{with_ci(debiased.get(key), interval.get(key))} |")
+    if summary.get("accuracy") is not None:
+        lines += ["", f"Test accuracy {summary['accuracy']:.3f}: a well-calibrated model's mean top-class "
+                      f"confidence matches it (here {summary['mean_confidence']['after']:.3f} after calibration)."]
+    accuracy, num_val = summary.get("accuracy"), summary.get("num_val_images")
+    if fitted and accuracy is not None and num_val:
+        # A fit matches val's own accuracy, which binomial noise moves by this much (docs/report-statistics.md).
+        spread = 1.96 * math.sqrt(accuracy * (1 - accuracy) / num_val)
+        needed = math.ceil(1.96**2 * accuracy * (1 - accuracy) / CONFIDENCE_TOLERANCE**2)
+        lines += ["", f"How well {num_val} validation images pin it: their own accuracy, which the fit matches, "
+                      f"is within +/- {spread:.3f} of the population's 19 times in 20; {needed} images would bring "
+                      f"that to +/- {CONFIDENCE_TOLERANCE}."]
+    return lines + ["", "The reliability diagram (`reliability.png`) shows accuracy against confidence per bin."]
 
 
 def plot_reliability(labels: np.ndarray, raw_probabilities: np.ndarray, probabilities: np.ndarray,

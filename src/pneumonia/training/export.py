@@ -43,7 +43,7 @@ MODEL_FORMAT = ("tf_keras SavedModel, float32 (load with tf_keras.models.load_mo
                 "calibrated), class (string [None])")
 
 
-def serving_function(model: keras.Model, temperature: float, shard: ShardConfig) -> Any:
+def serving_function(model: keras.Model, fitted: calibration.Calibration, shard: ShardConfig) -> Any:
     """The `serving_default` tf.function: encoded image files -> calibrated probabilities and class names."""
     class_names = tf.constant(CLASS_NAMES)
     height, width, channels = shard.image_height, shard.image_width, shard.channels
@@ -53,21 +53,22 @@ def serving_function(model: keras.Model, temperature: float, shard: ShardConfig)
         images = tf.map_fn(lambda one: imaging.model_input(one, height, width, channels, shard.encoding,
                                                            fit=shard.fit),
                            image_bytes, fn_output_signature=tf.TensorSpec([height, width, channels], tf.float32))
-        probabilities = apply_temperature(model(images, training=False), temperature)
+        probabilities = apply_calibration(model(images, training=False), fitted)
         return {"probabilities": probabilities, "class": tf.gather(class_names, tf.argmax(probabilities, axis=1))}
 
     return serve
 
 
-def apply_temperature(probabilities: tf.Tensor, temperature: float) -> tf.Tensor:
-    """calibration.apply_temperature as graph ops: softmax(log(p) / T)."""
+def apply_calibration(probabilities: tf.Tensor, fitted: calibration.Calibration) -> tf.Tensor:
+    """calibration.Calibration.apply as graph ops: softmax(log(p) / T + bias)."""
     log_p = tf.math.log(tf.maximum(tf.cast(probabilities, tf.float32), calibration.PROBABILITY_FLOOR))
-    return tf.nn.softmax(log_p / tf.constant(temperature, tf.float32), axis=-1)
+    bias = tf.constant(fitted.bias_vector(len(CLASS_NAMES)), tf.float32)
+    return tf.nn.softmax(log_p / tf.constant(fitted.temperature, tf.float32) + bias, axis=-1)
 
 
-def save(model: keras.Model, temperature: float, shard: ShardConfig, destination: str) -> None:
+def save(model: keras.Model, fitted: calibration.Calibration, shard: ShardConfig, destination: str) -> None:
     """Writes the SavedModel to `destination` (local or gs://): to a local temp folder first, then moved or copied."""
-    serve = serving_function(model, temperature, shard)
+    serve = serving_function(model, fitted, shard)
     # No per-layer traces: every layer is a built-in that Keras rebuilds from its config, servers need
     # only the signature, and tracing each layer made saving 5x slower (18 s against 3.4 s for the
     # small CNN on 2 busy cores) and loading 3x slower.
@@ -93,21 +94,27 @@ def save(model: keras.Model, temperature: float, shard: ShardConfig, destination
 
 
 def export_run(layout: Layout, run_id: str) -> dict[str, Any]:
-    """The chief's last step before the run marker: best weights -> float32 model -> T fitted on val
-    -> calibration.json -> model/. Returns what the run marker records about the export."""
+    """The chief's last step before the run marker: best weights -> float32 model -> calibration fitted
+    on val (the class-weight prior undone, then T) -> calibration.json -> model/. Returns what the run
+    marker records about the export."""
     model, run_config = load_trained_model(layout.run(run_id))  # float32, best.weights.h5
     processed_dir = layout.processed(run_config.shard.size_dir)
     val = pipeline.make_dataset(processed_dir, "val", run_config.train.per_replica_batch_size, training=False,
                                 config=run_config, with_metadata=True)
     labels, probabilities = predict_dataset(model, val)[:2]
-    record = calibration.calibration_record(probabilities, labels)
+    # The weights the loss used (history.json records them; null when train.class_weights is off).
+    history = storage.read_json(layout.history(run_id)) if storage.exists(layout.history(run_id)) else {}
+    class_weights = history.get("class_weights")
+    record = calibration.calibration_record(probabilities, labels, class_weights)
     storage.write_json(layout.calibration(run_id), record)
     log.info("calibration fitted", **record)
+    fitted = calibration.from_record(record)
     destination = layout.saved_model(run_id)
-    save(model, record["temperature"], run_config.shard, destination)
-    log.info("model exported", path=destination, temperature=record["temperature"])
+    save(model, fitted, run_config.shard, destination)
+    log.info("model exported", path=destination, temperature=fitted.temperature, bias=record["bias"])
     return {"path": destination, "format": MODEL_FORMAT, "dtype": "float32", "weights": layout.best_weights(run_id),
-            "weights_sha256": weights_sha256(model), "temperature": record["temperature"]}
+            "weights_sha256": weights_sha256(model), "temperature": fitted.temperature, "bias": record["bias"],
+            "calibration_method": record["method"]}
 
 
 class ServedModel:
