@@ -8,6 +8,7 @@ tests/test_image_pods.py checks it on any machine.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,9 +84,10 @@ def security_flags(pod_spec: dict[str, Any], container: dict[str, Any]) -> list[
     return flags
 
 
-def volume_flags(pod_spec: dict[str, Any], container: dict[str, Any], config_dir: str) -> list[str]:
+def volume_flags(pod_spec: dict[str, Any], container: dict[str, Any], config_dir: str | dict[str, str]) -> list[str]:
     """The container's mounts: emptyDirs as fresh tmpfs (mode 1777, as an emptyDir is world-writable),
-    the ConfigMap as `config_dir` mounted read-only, /dev/shm sized by its memory emptyDir."""
+    a ConfigMap as a host folder mounted read-only (`config_dir`, or `config_dir[volume name]`),
+    /dev/shm sized by its memory emptyDir."""
     volumes = {volume["name"]: volume for volume in pod_spec.get("volumes", [])}
     flags: list[str] = []
     for mount in container.get("volumeMounts", []):
@@ -96,7 +98,8 @@ def volume_flags(pod_spec: dict[str, Any], container: dict[str, Any], config_dir
         if "configMap" in volume:
             if not mount.get("readOnly"):
                 raise PodSettingError(f"ConfigMap volume {mount['name']} mounted writable; the image test mounts it read-only")
-            flags += ["--volume", f"{config_dir}:{path}:ro"]
+            folder = config_dir if isinstance(config_dir, str) else config_dir[mount["name"]]
+            flags += ["--volume", f"{folder}:{path}:ro"]
         elif "emptyDir" in volume:
             empty_dir = volume["emptyDir"] or {}
             size = quantity_bytes(empty_dir.get("sizeLimit", "1Gi"))
@@ -157,6 +160,79 @@ def worker_hosts(job: dict[str, Any], addresses: list[str]) -> list[str]:
         raise PodSettingError(f"{len(addresses)} addresses for {job['spec']['completions']} workers")
     name = job["metadata"]["name"]
     return [flag for i, address in enumerate(addresses) for flag in ("--add-host", f"{name}-{i}.{subdomain}:{address}")]
+
+
+# --- a pod from the API server, as the cluster test bed's kubelet stand-in runs it -----------------
+
+_FIELD_PATHS = {"metadata.name": ("metadata", "name"), "metadata.namespace": ("metadata", "namespace"),
+                "metadata.uid": ("metadata", "uid"), "spec.nodeName": ("spec", "nodeName"),
+                "spec.serviceAccountName": ("spec", "serviceAccountName"), "status.hostIP": ("status", "hostIP"),
+                "status.podIP": ("status", "podIP")}
+
+
+def field_value(pod: dict[str, Any], field_path: str, pod_ip: str = "") -> str:
+    """A downward-API fieldRef as the kubelet resolves it: metadata.labels['k'],
+    metadata.annotations['k'] (how the Job controller hands a pod JOB_COMPLETION_INDEX) or a plain field."""
+    for kind in ("labels", "annotations"):
+        prefix = f"metadata.{kind}['"
+        if field_path.startswith(prefix) and field_path.endswith("']"):
+            return pod["metadata"].get(kind, {}).get(field_path[len(prefix):-2], "")
+    if field_path == "status.podIP" and pod_ip:
+        return pod_ip
+    if field_path not in _FIELD_PATHS:
+        raise PodSettingError(f"fieldRef {field_path!r} is not resolved by the test bed's kubelet")
+    section, key = _FIELD_PATHS[field_path]
+    return str(pod.get(section, {}).get(key, ""))
+
+
+def env_flags(pod: dict[str, Any], container: dict[str, Any], pod_ip: str = "") -> list[str]:
+    """`--env` for each of the container's env entries: plain values and downward-API fieldRefs.
+    `$(VAR)` references and secret/configMap keys are not resolved: an error, never dropped."""
+    flags: list[str] = []
+    if container.get("envFrom"):
+        raise PodSettingError(f"container {container['name']}: envFrom is not reproduced")
+    for entry in container.get("env", []):
+        if "valueFrom" in entry:
+            source = entry["valueFrom"]
+            if set(source) != {"fieldRef"}:
+                raise PodSettingError(f"env {entry['name']}: only fieldRef sources are reproduced, not {sorted(source)}")
+            value = field_value(pod, source["fieldRef"]["fieldPath"], pod_ip)
+        else:
+            value = entry.get("value", "")
+            if "$(" in value:
+                raise PodSettingError(f"env {entry['name']}: $(VAR) references are not expanded")
+        flags += ["--env", f"{entry['name']}={value}"]
+    return flags
+
+
+def api_pod(pod: dict[str, Any], *, name: str, config_dirs: dict[str, str],
+            network: tuple[str, ...] = ("--network", "none"), extra: tuple[str, ...] = ()) -> Pod:
+    """A pod object as the API server holds it (one container) as podman flags: its command and args,
+    env and downward-API values, hostname, volumes (ConfigMaps from `config_dirs`, by volume name),
+    securityContext and memory limit. `extra` is what the node adds (labels, log file, the bucket's
+    credentials)."""
+    spec = pod["spec"]
+    if spec.get("initContainers") or len(spec["containers"]) != 1:
+        raise PodSettingError(f"pod {pod['metadata']['name']}: only single-container pods are run")
+    (container,) = spec["containers"]
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        if probe in container:
+            raise PodSettingError(f"container {container['name']}: {probe} is not run by the test bed's kubelet")
+    flags = [*security_flags(spec, container), *volume_flags(spec, container, config_dirs)]
+    flags += ["--hostname", spec.get("hostname") or pod["metadata"]["name"], *network]
+    flags += env_flags(pod, container)
+    memory = container.get("resources", {}).get("limits", {}).get("memory")
+    if memory:
+        flags += ["--memory", str(quantity_bytes(memory))]
+    if container.get("workingDir"):
+        flags += ["--workdir", container["workingDir"]]
+    args = list(container.get("args", []))
+    if container.get("command"):
+        # The pod's command replaces the image's ENTRYPOINT, as on Kubernetes.
+        flags += ["--entrypoint", json.dumps(container["command"])]
+    grace = int(spec.get("terminationGracePeriodSeconds", 30))
+    flags += ["--stop-timeout", str(grace), *extra]
+    return Pod(name=name, flags=tuple(flags), args=tuple(args), grace_period_s=grace)
 
 
 def image_test_config(cluster_yaml: str, demo_yaml: str, *, data_root: str, run_id: str,
