@@ -82,6 +82,11 @@ def podman_time(value: str) -> str:
     return parsed.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def container_name(network: str, namespace: str, pod: str, uid: str) -> str:
+    """The podman name of a pod's container: this kubelet's network first (podman storage is shared)."""
+    return f"{network}-{namespace}-{pod}"[:120] + f"-{uid[:8]}"
+
+
 # --- the network the pods share ---------------------------------------------------------------------
 
 
@@ -249,7 +254,7 @@ class Kubelet:
                                 f'Container image "{image}" is not present with pull policy of Never')
             return
         uid = meta["uid"]
-        name = f"{self.network}-{meta['namespace']}-{meta['name']}"[:120] + f"-{uid[:8]}"
+        name = container_name(self.network, meta["namespace"], meta["name"], uid)
         pod_dir = self.workdir / "pods" / f"{meta['namespace']}_{meta['name']}_{uid}"
         log_file = pod_dir / f"{container['name']}.log"
         config_dirs = self.config_volumes(pod, pod_dir)

@@ -235,8 +235,8 @@ def api_pod(pod: dict[str, Any], *, name: str, config_dirs: dict[str, str],
     return Pod(name=name, flags=tuple(flags), args=tuple(args), grace_period_s=grace)
 
 
-def image_test_config(cluster_yaml: str, demo_yaml: str, *, data_root: str, run_id: str,
-                      **train: Any) -> PipelineConfig:
+def image_test_config(cluster_yaml: str, demo_yaml: str, *, data_root: str, run_id: str, archive: str | None = None,
+                      shard_workers: int = 2, upstream_wait_timeout_s: int = 60, **train: Any) -> PipelineConfig:
     """jobs/configs/cluster.yaml at the demo's size: its cluster section (names, port, worker count) as
     the manifests expect it, demo.yaml's small model and images, two shard pods, data under
     `data_root` (a folder standing in for the bucket) and short waits (the stages run one after another)."""
@@ -244,8 +244,8 @@ def image_test_config(cluster_yaml: str, demo_yaml: str, *, data_root: str, run_
     for section, values in parse_config_yaml(demo_yaml, "jobs/configs/demo.yaml").items():
         if section != "data":
             tree.setdefault(section, {}).update(values)
-    tree["data"] = {"root": data_root, "archive": f"{data_root}/raw/demo-chest-xray.zip"}
-    tree.setdefault("shard", {})["num_workers"] = 2
+    tree["data"] = {"root": data_root, "archive": archive or f"{data_root}/raw/demo-chest-xray.zip"}
+    tree.setdefault("shard", {})["num_workers"] = shard_workers
     tree.setdefault("train", {}).update(run_id=run_id, **train)
-    tree["cluster"].update(peer_wait_timeout_s=120, upstream_wait_timeout_s=60)
+    tree["cluster"].update(peer_wait_timeout_s=120, upstream_wait_timeout_s=upstream_wait_timeout_s)
     return from_dict(tree).validate()
