@@ -39,6 +39,8 @@ BUCKET ?=
 GPUS_PER_WORKER ?= 1
 GPU_TYPE ?= nvidia-l4
 DRY_RUN ?=
+# 0: train-cluster uses IMAGE as it is (already pushed, or local to the cluster test bed's nodes)
+PUSH ?= 1
 K8S_FLAGS ?=
 
 ## Tests and benchmarks
@@ -117,7 +119,7 @@ push: image ## Build and push IMAGE to its registry
 	docker push $(IMAGE)
 
 .PHONY: train-cluster
-train-cluster: setup $(if $(DRY_RUN),,push) ## Push the image, upload ARCHIVE, launch and follow the Jobs (BUCKET=gs://... [DRY_RUN=1])
+train-cluster: setup $(if $(DRY_RUN)$(filter 0,$(PUSH)),,push) ## Push the image, upload ARCHIVE, launch and follow the Jobs (BUCKET=gs://... [DRY_RUN=1] [PUSH=0: IMAGE is already where the nodes get it])
 	$(PY) -m pneumonia.k8s run --namespace $(NAMESPACE) --image $(IMAGE) \
 		$(if $(filter command line environment,$(origin WORKERS)),--workers $(WORKERS)) --gpus-per-worker $(GPUS_PER_WORKER) --gpu-type $(GPU_TYPE) \
 		$(if $(BUCKET),--bucket $(BUCKET)) $(if $(CONTEXT),--context $(CONTEXT)) \

@@ -35,11 +35,11 @@ END_TIMEOUT_S = 900  # from the fault to the Job's end: replacements, the remain
 
 
 @pytest.fixture(scope="module")
-def pod_bed(cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[bed.PodNetworkBed]:  # noqa: ANN001
+def pod_bed(kube_cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[bed.PodNetworkBed]:  # noqa: ANN001
     """The kubelet stand-in and the GCS stand-in on the pods' network, for this module's tests."""
     if os.system(f"podman image exists {bed.IMAGE}") != 0:  # noqa: S605 - a fixed command
         bed.build_image()
-    testbed = bed.PodNetworkBed(str(cluster.kubeconfig), tmp_path_factory.mktemp("pod-bed"),
+    testbed = bed.PodNetworkBed(str(kube_cluster.kubeconfig), tmp_path_factory.mktemp("pod-bed"),
                                 network=f"pneumonia-faults-{os.getpid()}", bucket="pneumonia-faults")
     with testbed:
         saved = {key: os.environ.get(key) for key in testbed.emulator.env}
@@ -97,11 +97,11 @@ class TrainRun:
 
 
 @pytest.fixture
-def train_run(request: pytest.FixtureRequest, cluster, pod_bed: bed.PodNetworkBed, tiny_shards: Path):  # noqa: ANN001, F811
+def train_run(request: pytest.FixtureRequest, kube_cluster, pod_bed: bed.PodNetworkBed, tiny_shards: Path):  # noqa: ANN001, F811
     runs: list[TrainRun] = []
 
     def start(name: str) -> TrainRun:
-        runs.append(TrainRun(cluster, pod_bed, tiny_shards, name))
+        runs.append(TrainRun(kube_cluster, pod_bed, tiny_shards, name))
         return runs[-1]
 
     yield start
@@ -123,7 +123,7 @@ def test_sigkill_of_worker_1_is_counted_against_index_1_only(train_run) -> None:
     assert all(len(attempts) == 2 for attempts in pods.values()), run.summary()  # both restarted, once
 
 
-def test_sigstop_then_node_loss_is_counted_against_nobody(train_run, cluster) -> None:  # noqa: ANN001
+def test_sigstop_then_node_loss_is_counted_against_nobody(train_run) -> None:  # noqa: ANN001
     """SIGSTOP: the node stops answering; the survivor gives up on its peer (exit 75). Then the node is
     deleted: the pod GC of the real controller-manager marks the frozen pod (DisruptionTarget, Failed)."""
     run = train_run("node")
@@ -147,7 +147,7 @@ def test_sigstop_then_node_loss_is_counted_against_nobody(train_run, cluster) ->
     assert status.get("failed", 0) == 0 and pods[1][-1]["spec"]["nodeName"] != node, run.summary()
 
 
-def test_eviction_of_the_chief_stops_both_with_the_backup_and_counts_nothing(train_run, cluster) -> None:  # noqa: ANN001
+def test_eviction_of_the_chief_stops_both_with_the_backup_and_counts_nothing(train_run) -> None:  # noqa: ANN001
     from kubernetes import client
 
     run = train_run("evict")

@@ -90,7 +90,9 @@ def test_settings_are_read_not_copied() -> None:
     (lambda spec: spec["securityContext"].update(seccompProfile={"type": "Unconfined"}), "Unconfined"),
     (lambda spec: spec["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
      or spec["containers"][0]["volumeMounts"].append({"name": "host", "mountPath": "/host"}), "host"),
-    (lambda spec: spec["containers"][0].update(env=[{"name": "A", "value": "1"}]), "env"),
+    (lambda spec: spec["containers"][0].update(env=[{"name": "A", "valueFrom": {"secretKeyRef": {"name": "s"}}}]),
+     "secretKeyRef"),
+    (lambda spec: spec["containers"][0].update(command=["sh"]), "command"),
     (lambda spec: spec["containers"][0]["volumeMounts"][0].update(readOnly=False), "writable"),
     (lambda spec: spec["securityContext"].update(runAsUser=0) or spec["containers"][0]["securityContext"]
      .update(runAsUser=0), "runAsNonRoot"),

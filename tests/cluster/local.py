@@ -116,10 +116,36 @@ def wait_for_jobs(kubeconfig: str, timeout_s: float) -> dict[str, str]:
         time.sleep(5)
 
 
+def with_the_launcher(args: argparse.Namespace, testbed: bed.PodNetworkBed, run_id: str) -> int:
+    """`make train-cluster` with the built image (PUSH=0): the launcher uploads the archive, applies the
+    setup objects (--setup), creates and follows each Job, prints the report; then its `status` and
+    `logs` commands on the finished run."""
+    config_file = WORK / "launcher-config.yaml"
+    config_file.write_text(demo_config_text(run_id).replace("gs://BUCKET", f"gs://{BUCKET}"))
+    archive = WORK / "demo-chest-xray.zip"
+    if not archive.exists():
+        subprocess.run([sys.executable, "-m", "pneumonia.data.demo", "--out", str(archive), "--num-images",
+                        str(DEMO_IMAGES)], check=True, timeout=600)
+    env = {**testbed.host_env(), "KUBECONFIG": args.kubeconfig}
+    flags = (f"--config {config_file} --setup --gsa pneumonia-pipeline@local.iam.gserviceaccount.com "
+             f"--poll-s 5 --timeout-s {RUN_TIMEOUT_S}")
+    make = ["make", "-C", str(REPO), "train-cluster", "PUSH=0", f"IMAGE={bed.IMAGE}", f"BUCKET=gs://{BUCKET}/pneumonia",
+            f"ARCHIVE={archive}", f"RUN_ID={run_id}", f"K8S_FLAGS={flags}"]
+    print("cluster-local: " + " ".join(make), flush=True)
+    code = subprocess.run(make, env=env, timeout=RUN_TIMEOUT_S + 600, check=False).returncode
+    for command in (["status", "--run-id", run_id], ["logs", "--run-id", run_id, "--stage", "train", "--tail", "5"]):
+        print(f"cluster-local: python -m pneumonia.k8s {' '.join(command)}", flush=True)
+        code = code or subprocess.run([sys.executable, "-m", "pneumonia.k8s", *command], env=env, timeout=300,
+                                      check=False).returncode
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kubeconfig", required=True)
     parser.add_argument("--min-kappa", type=float, default=0.8)
+    parser.add_argument("--launcher", action="store_true",
+                        help="run the pipeline with `make train-cluster` (the launcher) instead of kubectl apply")
     parser.add_argument("--keep", action="store_true", help="leave the namespace, network and bucket up at the end")
     args = parser.parse_args(argv)
     started = time.monotonic()
@@ -134,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"cluster-local: bucket gs://{BUCKET} on {testbed.emulator.proxy_url} (pods reach {testbed.gateway}); "
               "kubelet stand-in running", flush=True)
+        if args.launcher:
+            return with_the_launcher(args, testbed, run_id)
         archive = yaml.safe_load(demo_config_text(run_id))["data"]["archive"].replace("gs://BUCKET", f"gs://{BUCKET}")
         subprocess.run([sys.executable, "-m", "pneumonia.data.demo", "--out", archive, "--num-images", str(DEMO_IMAGES)],
                        env=testbed.host_env(), check=True, timeout=600)

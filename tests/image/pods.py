@@ -129,18 +129,25 @@ def stage_pod(job: dict[str, Any], *, config_dir: str, data_root: tuple[str, str
     """
     spec = mf.pod_spec(job)
     (container,) = spec["containers"]
-    if container.get("env") or container.get("envFrom") or container.get("command"):
-        raise PodSettingError(f"{job['metadata']['name']}: env/envFrom/command are not reproduced by the image test")
+    if container.get("command"):
+        raise PodSettingError(f"{job['metadata']['name']}: command is not reproduced by the image test")
     job_name = job["metadata"]["name"]
     indexed = job["spec"].get("completionMode") == "Indexed"
     if indexed != (index is not None):
         raise PodSettingError(f"{job_name}: an index is needed exactly for an Indexed Job's pods")
+    # The pod as the Job controller would make it, for the downward-API env (a first attempt: no counts).
+    annotations = {"batch.kubernetes.io/job-completion-index": str(index)} if indexed else {}
+    pod = {"metadata": {"name": name or job_name, "namespace": job["metadata"].get("namespace", ""),
+                        "labels": {**job["spec"]["template"]["metadata"].get("labels", {}),
+                                   "batch.kubernetes.io/controller-uid": "image-test"},
+                        "annotations": annotations}, "spec": spec}
     # An Indexed Job's pod is called <job>-<index> and has that hostname; Kubernetes sets the index.
     hostname = f"{job_name}-{index}" if indexed else job_name
     flags = [*security_flags(spec, container)]
     kept = {**container, "volumeMounts": [m for m in container.get("volumeMounts", []) if m["mountPath"] not in drop_mounts]}
     flags += volume_flags(spec, kept, config_dir)
     flags += ["--volume", f"{data_root[0]}:{data_root[1]}:rw", "--hostname", hostname, *network]
+    flags += env_flags(pod, container)
     if indexed:
         flags += ["--env", f"JOB_COMPLETION_INDEX={index}"]
     grace = int(spec.get("terminationGracePeriodSeconds", 30))
