@@ -12,10 +12,8 @@ DisruptionTarget condition, and the Job controller's per-index annotations on th
 
 from __future__ import annotations
 
-import os
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cluster"))
 import bed  # noqa: E402
 import train_job as jobs  # noqa: E402
+from fixtures import pod_bed  # noqa: E402, F401
 from test_train import copy_shards, tiny_shards  # noqa: E402, F401
 
 from pneumonia.errors import EXIT_PEER_LOST, EXIT_PREEMPTED  # noqa: E402
@@ -34,36 +33,17 @@ START_TIMEOUT_S = 600  # until both workers are in epoch 1: image start, TensorF
 END_TIMEOUT_S = 900  # from the fault to the Job's end: replacements, the remaining epoch, the export
 
 
-@pytest.fixture(scope="module")
-def pod_bed(kube_cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[bed.PodNetworkBed]:  # noqa: ANN001
-    """The kubelet stand-in and the GCS stand-in on the pods' network, for this module's tests."""
-    if os.system(f"podman image exists {bed.IMAGE}") != 0:  # noqa: S605 - a fixed command
-        bed.build_image()
-    testbed = bed.PodNetworkBed(str(kube_cluster.kubeconfig), tmp_path_factory.mktemp("pod-bed"),
-                                network=f"pneumonia-faults-{os.getpid()}", bucket="pneumonia-faults")
-    with testbed:
-        saved = {key: os.environ.get(key) for key in testbed.emulator.env}
-        os.environ.update(testbed.emulator.env)  # copy_shards writes through TensorFlow's gs:// client
-        try:
-            yield testbed
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-
-
 class TrainRun:
     """One train Job in a namespace of its own, reading everything back from the API."""
 
-    def __init__(self, cluster, testbed: bed.PodNetworkBed, shards: Path, name: str) -> None:  # noqa: ANN001
+    def __init__(self, cluster, testbed: bed.PodNetworkBed, shards: Path, name: str, **objects) -> None:  # noqa: ANN001, ANN003
         self.kubeconfig = str(cluster.kubeconfig)
         self.testbed = testbed
         self.namespace = f"faults-{name}-{uuid.uuid4().hex[:6]}"
         self.root = f"gs://{testbed.bucket}/{self.namespace}"
+        self.run_id = name
         copy_shards(shards, self.root)
-        jobs.apply(self.kubeconfig, jobs.train_objects(self.namespace, self.root, run_id=name))
+        jobs.apply(self.kubeconfig, jobs.train_objects(self.namespace, self.root, run_id=name, **objects))
 
     def pods(self) -> dict[int, list[dict]]:
         return jobs.pods_by_index(self.kubeconfig, self.namespace, TRAIN)
@@ -84,13 +64,13 @@ class TrainRun:
 
         return jobs.wait_for(ready, START_TIMEOUT_S, f"both workers to begin epoch {epoch}")
 
-    def wait_end(self, timeout_s: float = END_TIMEOUT_S, while_waiting=None) -> tuple[str, str]:  # noqa: ANN001
+    def wait_end(self, timeout_s: float = END_TIMEOUT_S, while_waiting=None, job: str = TRAIN) -> tuple[str, str]:  # noqa: ANN001
         def ended() -> tuple[str, str] | None:
             if while_waiting:
                 while_waiting()
-            return jobs.job_ending(self.status())
+            return jobs.job_ending(jobs.job(self.kubeconfig, self.namespace, job).get("status", {}))
 
-        return jobs.wait_for(ended, timeout_s, "the train Job to end")
+        return jobs.wait_for(ended, timeout_s, f"Job {job} to end")
 
     def close(self) -> None:
         jobs.kubectl(self.kubeconfig, "delete", "namespace", self.namespace, "--wait=false", check=False)
@@ -100,8 +80,8 @@ class TrainRun:
 def train_run(request: pytest.FixtureRequest, kube_cluster, pod_bed: bed.PodNetworkBed, tiny_shards: Path):  # noqa: ANN001, F811
     runs: list[TrainRun] = []
 
-    def start(name: str) -> TrainRun:
-        runs.append(TrainRun(kube_cluster, pod_bed, tiny_shards, name))
+    def start(name: str, **objects) -> TrainRun:  # noqa: ANN003
+        runs.append(TrainRun(kube_cluster, pod_bed, tiny_shards, name, **objects))
         return runs[-1]
 
     yield start
@@ -185,6 +165,43 @@ def test_a_worker_killed_at_every_start_fails_the_job_on_its_index_alone(train_r
     assert [jobs.counts(pod)[0] for pod in pods[1]] == list(range(limit + 1)), run.summary()
     assert [jobs.exit_code(pod) for pod in pods[1]] == [SIGKILL_EXIT] * (limit + 1), run.summary()
     assert all(jobs.counts(pod)[0] == 0 for pod in pods[0]), run.summary()  # the survivor never paid
+
+
+# The train container's body when its peers never answer: the real jobs/train.py and run_end (the rule
+# under test), with fit.run raising what it raises when the cluster cannot form (peer lost, exit 75).
+PEERS_NEVER_ANSWER = ["-c", "\n".join([
+    "import runpy, sys",
+    "from pneumonia.errors import PeerLostError",
+    "from pneumonia.training import fit",
+    "def unreachable(config):",
+    "    raise PeerLostError('test bed: the peers never answer (a partition that does not heal)')",
+    "fit.run = unreachable",
+    "sys.argv = ['/opt/pneumonia/jobs/train.py', '--config', '/etc/pneumonia/config.yaml']",
+    "runpy.run_path(sys.argv[0], run_name='__main__')",
+])]
+
+
+def test_a_partition_that_never_heals_fails_the_job_and_evaluate_says_why(train_run) -> None:  # noqa: ANN001
+    """Both workers exit 75 at every start. The Job ignores 75, so without a bound it would loop until
+    activeDeadlineSeconds; with cluster.max_forgiven_restarts=1 the second start of an index counts
+    (exit 1), the index spends its retries and the Job fails (FailedIndexes). The last attempt leaves
+    _ENDED.json, and evaluate, waiting for the run as under `kubectl apply`, exits 2 with the reason."""
+    run = train_run("partition", sets=("cluster.max_forgiven_restarts=1",), stages=("train", "evaluate"),
+                    train_args=PEERS_NEVER_ANSWER)
+    assert run.wait_end(4 * START_TIMEOUT_S) == ("Failed", "FailedIndexes"), run.summary()
+    status = run.status()
+    failed_index = int(status["failedIndexes"].split(",")[0])
+    attempts = run.pods()[failed_index]
+    limit = jobs.job(run.kubeconfig, run.namespace, TRAIN)["spec"]["backoffLimitPerIndex"]
+    assert [jobs.exit_code(pod) for pod in attempts] == [EXIT_PEER_LOST] + [1] * (limit + 1), run.summary()
+    assert [jobs.counts(pod) for pod in attempts] == [(0, 0)] + [(n, 1) for n in range(limit + 1)], run.summary()
+    # Evaluate ends on its own, promptly, with the reason (its podFailurePolicy fails it on exit 2).
+    assert run.wait_end(120, job="pneumonia-evaluate") == ("Failed", "PodFailurePolicy"), run.summary()
+    (evaluate_pod,) = jobs.get(run.kubeconfig, "-n", run.namespace, "pods", "-l",
+                               f"{jobs.JOB_NAME_LABEL}=pneumonia-evaluate")["items"]
+    assert jobs.exit_code(evaluate_pod) == 2
+    reasons = [e.get("error", "") for e in jobs.log_events(jobs.pod_log_file(run.testbed, evaluate_pod))]
+    assert any("max_forgiven_restarts=1" in reason and "FailedIndexes" in reason for reason in reasons), reasons
 
 
 def _configuration(kubeconfig: str):  # noqa: ANN202

@@ -39,6 +39,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,7 @@ class Kubelet:
         self.hosts = [str(host) for host in network_hosts(network)[FIRST_FIXED_HOST:]]
         self.logs_crd = True
         self.stop = threading.Event()
+        self.start_failed: dict[str, float] = {}  # pod uid -> when its container last failed to start
 
     # -- the API ----------------------------------------------------------------------------------
 
@@ -222,7 +224,7 @@ class Kubelet:
                 return  # we removed it after finalizing; the pod object goes with its finalizers
             if deleting:
                 self.delete_pod(meta["namespace"], meta["name"], uid)
-            elif status.get("phase", "Pending") == "Pending":
+            elif status.get("phase", "Pending") == "Pending" and time.monotonic() - self.start_failed.get(uid, -1e9) > 10:
                 self.start(pod)
             return
         if tracked is None:  # a container from before a restart of this process
@@ -252,6 +254,7 @@ class Kubelet:
         if subprocess.run(["podman", "image", "exists", image], timeout=60, check=False).returncode != 0:
             self.report_waiting(pod, "ErrImageNeverPull",
                                 f'Container image "{image}" is not present with pull policy of Never')
+            self.start_failed[meta["uid"]] = time.monotonic()
             return
         uid = meta["uid"]
         name = container_name(self.network, meta["namespace"], meta["name"], uid)
@@ -274,6 +277,7 @@ class Kubelet:
             # The container could not be created or started (a bad flag, a mount): the kubelet's
             # CreateContainerError. It may still exist as created/exited; its exit is then reported.
             del self.tracked[uid]
+            self.start_failed[uid] = time.monotonic()  # retried, as a kubelet does, but not every second
             podman("rm", "--force", "--ignore", name, check=False)
             self.report_waiting(pod, "CreateContainerError", result.stderr.strip()[-500:])
             return

@@ -35,19 +35,23 @@ TINY = [
 ]
 
 
-def train_objects(namespace: str, root: str, run_id: str, image: str = bed.IMAGE,
-                  deadline_s: int = 1800) -> list[dict[str, Any]]:
+def train_objects(namespace: str, root: str, run_id: str, image: str = bed.IMAGE, deadline_s: int = 1800,
+                  sets: tuple[str, ...] = (), stages: tuple[str, ...] = ("train",),
+                  train_args: list[str] | None = None) -> list[dict[str, Any]]:
     """The namespace (Pod Security restricted), the pods' ServiceAccount, the ConfigMap, the headless
-    Service and the train Job from manifests/, patched as the launcher patches them for this config."""
-    config = load_config(None, [f"data.root={root}", f"train.run_id={run_id}", *TINY])
+    Service and the Jobs of `stages` from manifests/, patched as the launcher patches them for this
+    config (`sets`: more config keys); `train_args` replaces the train container's args."""
+    config = load_config(None, [f"data.root={root}", f"train.run_id={run_id}", *TINY, *sets])
     config = mf.with_launch_options(config, image=image, namespace=namespace, num_workers=2)
     objects = mf.build_manifests(mf.load_manifests(), config)
     kinds = {"Namespace", "ServiceAccount", "ConfigMap", "Service"}
-    chosen = [obj for obj in objects if obj["kind"] in kinds or mf.job_stage(obj) == "train"]
+    chosen = [obj for obj in objects if obj["kind"] in kinds or mf.job_stage(obj) in stages]
     for obj in chosen:
         if obj["kind"] == "Job":
             # A bound for the test, far above its run: the Job's own deadline, never the test's clock.
             obj["spec"]["activeDeadlineSeconds"] = deadline_s
+        if mf.job_stage(obj) == "train" and train_args is not None:
+            mf.pod_spec(obj)["containers"][0]["args"] = train_args
     return chosen
 
 
