@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "cluster"))
 import bed  # noqa: E402
 import train_job as jobs  # noqa: E402
 from fixtures import pod_bed  # noqa: E402, F401
+from indexed_job import policy_action  # noqa: E402
 from test_train import copy_shards, tiny_shards  # noqa: E402, F401
 
 from pneumonia.errors import EXIT_PEER_LOST, EXIT_PREEMPTED  # noqa: E402
@@ -72,6 +73,21 @@ class TrainRun:
 
         return jobs.wait_for(ended, timeout_s, f"Job {job} to end")
 
+    def assert_the_scripted_controller_agrees(self) -> None:
+        """tests/indexed_job.py, which plays the Job controller in the fast tests, judges every failed pod
+        of this run as the real controller did: Count where the real one raised the next pod's
+        failure count, Ignore where it raised the ignored count."""
+        rules = jobs.job(self.kubeconfig, self.namespace, TRAIN)["spec"]["podFailurePolicy"]["rules"]
+        verdicts = []
+        for index, attempts in self.pods().items():
+            for before, after in zip(attempts, attempts[1:], strict=False):
+                failed, ignored = (a - b for a, b in zip(jobs.counts(after), jobs.counts(before), strict=True))
+                real = {(1, 0): "Count", (0, 1): "Ignore"}.get((failed, ignored), f"counts {failed},{ignored}")
+                conditions = {c["type"]: c["status"] for c in before["status"].get("conditions", [])}
+                scripted, _ = policy_action(rules, {"train": jobs.exit_code(before)}, conditions)
+                verdicts.append((index, jobs.exit_code(before), real, scripted))
+        assert verdicts and all(real == scripted for *_, real, scripted in verdicts), verdicts
+
     def close(self) -> None:
         jobs.kubectl(self.kubeconfig, "delete", "namespace", self.namespace, "--wait=false", check=False)
 
@@ -101,6 +117,7 @@ def test_sigkill_of_worker_1_is_counted_against_index_1_only(train_run) -> None:
     assert jobs.counts(pods[1][-1]) == (1, 0) and jobs.counts(pods[0][-1]) == (0, 1), run.summary()
     assert status.get("failed", 0) == 1 and not status.get("failedIndexes"), run.summary()
     assert all(len(attempts) == 2 for attempts in pods.values()), run.summary()  # both restarted, once
+    run.assert_the_scripted_controller_agrees()
 
 
 def test_sigstop_then_node_loss_is_counted_against_nobody(train_run) -> None:  # noqa: ANN001
@@ -125,6 +142,7 @@ def test_sigstop_then_node_loss_is_counted_against_nobody(train_run) -> None:  #
     assert jobs.exit_code(pods[0][0]) == EXIT_PEER_LOST, run.summary()
     assert jobs.counts(pods[1][-1]) == (0, 1) and jobs.counts(pods[0][-1]) == (0, 1), run.summary()
     assert status.get("failed", 0) == 0 and pods[1][-1]["spec"]["nodeName"] != node, run.summary()
+    run.assert_the_scripted_controller_agrees()
 
 
 def test_eviction_of_the_chief_stops_both_with_the_backup_and_counts_nothing(train_run) -> None:  # noqa: ANN001
@@ -144,6 +162,7 @@ def test_eviction_of_the_chief_stops_both_with_the_backup_and_counts_nothing(tra
     assert jobs.saw(run.testbed, evicted, "stop requested (SIGTERM): backup saved"), run.summary()
     assert jobs.counts(pods[0][-1]) == (0, 1) and jobs.counts(pods[1][-1]) == (0, 1), run.summary()
     assert status.get("failed", 0) == 0, run.summary()
+    run.assert_the_scripted_controller_agrees()
 
 
 def test_a_worker_killed_at_every_start_fails_the_job_on_its_index_alone(train_run) -> None:  # noqa: ANN001
@@ -165,6 +184,7 @@ def test_a_worker_killed_at_every_start_fails_the_job_on_its_index_alone(train_r
     assert [jobs.counts(pod)[0] for pod in pods[1]] == list(range(limit + 1)), run.summary()
     assert [jobs.exit_code(pod) for pod in pods[1]] == [SIGKILL_EXIT] * (limit + 1), run.summary()
     assert all(jobs.counts(pod)[0] == 0 for pod in pods[0]), run.summary()  # the survivor never paid
+    run.assert_the_scripted_controller_agrees()
 
 
 # The train container's body when its peers never answer: the real jobs/train.py and run_end (the rule
