@@ -45,15 +45,17 @@ class TrainRun:
         self.run_id = name
         copy_shards(shards, self.root)
         jobs.apply(self.kubeconfig, jobs.train_objects(self.namespace, self.root, run_id=name, **objects))
+        self.recorder = jobs.PodRecorder(self.kubeconfig, self.namespace, TRAIN)
 
     def pods(self) -> dict[int, list[dict]]:
-        return jobs.pods_by_index(self.kubeconfig, self.namespace, TRAIN)
+        """Every train pod so far, by index, oldest first, as last seen (deleted ones too)."""
+        return self.recorder.by_index()
 
     def status(self) -> dict:
         return jobs.job(self.kubeconfig, self.namespace, TRAIN).get("status", {})
 
     def summary(self) -> str:
-        return jobs.summary(self.kubeconfig, self.namespace, TRAIN)
+        return jobs.summary(self.kubeconfig, self.namespace, TRAIN, self.pods())
 
     def first_pods_in_epoch(self, epoch: int) -> dict[int, dict]:
         def ready() -> dict[int, dict] | None:
@@ -89,6 +91,7 @@ class TrainRun:
         assert verdicts and all(real == scripted for *_, real, scripted in verdicts), verdicts
 
     def close(self) -> None:
+        self.recorder.stop()
         jobs.kubectl(self.kubeconfig, "delete", "namespace", self.namespace, "--wait=false", check=False)
 
 

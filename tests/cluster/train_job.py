@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,53 @@ def pods_by_index(kubeconfig: str, namespace: str, job_name: str) -> dict[int, l
     return found
 
 
+class PodRecorder:
+    """Every version of a Job's pods that the API server sends (a watch, from creation on): a pod that is
+    deleted once it ended (evicted, lost with its node: the kubelet or the pod GC removes it) can still
+    be read as it last was."""
+
+    def __init__(self, kubeconfig: str, namespace: str, job_name: str) -> None:
+        from kubernetes import client, config
+
+        self.api = client.CoreV1Api(config.new_client_from_config(config_file=kubeconfig))
+        self.namespace, self.selector = namespace, f"{JOB_NAME_LABEL}={job_name}"
+        self.latest: dict[str, dict[str, Any]] = {}
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._record, daemon=True)
+        self.thread.start()
+
+    def _record(self) -> None:
+        from kubernetes import watch
+
+        version = None
+        while not self.stopping.is_set():
+            stream = watch.Watch()
+            try:
+                for event in stream.stream(self.api.list_namespaced_pod, self.namespace, label_selector=self.selector,
+                                           timeout_seconds=20, resource_version=version):
+                    pod = self.api.api_client.sanitize_for_serialization(event["object"])
+                    self.latest[pod["metadata"]["uid"]] = pod
+                    if self.stopping.is_set():
+                        break
+                version = stream.resource_version
+            except Exception:  # noqa: BLE001 - a dropped or expired watch: start again, from the start if need be
+                version = None
+                time.sleep(1)
+
+    def by_index(self) -> dict[int, list[dict[str, Any]]]:
+        """Every pod seen, by completion index, oldest first."""
+        found: dict[int, list[dict[str, Any]]] = {}
+        for pod in list(self.latest.values()):
+            found.setdefault(int(pod["metadata"]["annotations"][INDEX_ANNOTATION]), []).append(pod)
+        for attempts in found.values():
+            attempts.sort(key=lambda pod: (pod["metadata"]["creationTimestamp"], pod["metadata"]["name"]))
+        return found
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=30)
+
+
 def exit_code(pod: dict[str, Any]) -> int | None:
     for status in pod.get("status", {}).get("containerStatuses") or []:
         terminated = status.get("state", {}).get("terminated")
@@ -166,10 +214,10 @@ def wait_for(condition, timeout_s: float, what: str, poll_s: float = 2.0):  # no
     raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
-def summary(kubeconfig: str, namespace: str, job_name: str) -> str:
+def summary(kubeconfig: str, namespace: str, job_name: str, pods: dict[int, list[dict[str, Any]]] | None = None) -> str:
     """Each pod (index, phase, exit, counts, DisruptionTarget) and the Job's status, for failure messages."""
     lines = []
-    for index, attempts in sorted(pods_by_index(kubeconfig, namespace, job_name).items()):
+    for index, attempts in sorted((pods or pods_by_index(kubeconfig, namespace, job_name)).items()):
         for pod in attempts:
             lines.append(f"index {index} {pod['metadata']['name']}: {pod['status'].get('phase')} exit {exit_code(pod)} "
                          f"counts {counts(pod)} disruption {has_condition(pod, 'DisruptionTarget')}")
