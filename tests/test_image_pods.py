@@ -199,3 +199,29 @@ def test_an_api_pod_runs_its_command_and_refuses_what_it_cannot_reproduce(change
         return
     with pytest.raises(pods.PodSettingError, match=message):
         pods.api_pod(pod, name="c", config_dirs={"config": "/c"})
+
+
+def test_the_kubelet_stand_in_gives_a_jobs_hostnames_fixed_addresses() -> None:
+    """Replacements of a worker get its address again, and every worker knows all its Job's names: the
+    image's /etc/hosts is written once, at container start (no DNS plugin on this machine's podman)."""
+    sys.path.insert(0, str(Path(__file__).parent / "cluster"))
+    import json
+
+    import kubelet
+
+    class Jobs:
+        def read_namespaced_job(self, name, namespace, _preload_content):  # noqa: ANN001, ANN202
+            return type("Response", (), {"data": json.dumps({"spec": {"completions": 2}})})
+
+    stand_in = object.__new__(kubelet.Kubelet)
+    stand_in.batch, stand_in.fixed, stand_in.hosts = Jobs(), {}, ["10.0.0.10", "10.0.0.11", "10.0.0.12"]
+    pod = api_pod_object(1)
+    pod["metadata"]["labels"]["batch.kubernetes.io/job-name"] = "pneumonia-train"
+    flags = stand_in.pod_addresses(pod)
+    again = stand_in.pod_addresses(pod)  # the index's next pod
+    assert flags == again and flags[:2] == ("--ip", "10.0.0.11")
+    hosts = [value for flag, value in zip(flags, flags[1:], strict=False) if flag == "--add-host"]
+    assert "pneumonia-train-0.pneumonia-train-workers:10.0.0.10" in hosts
+    assert "pneumonia-train-1.pneumonia-train-workers.pneumonia.svc.cluster.local:10.0.0.11" in hosts
+    assert kubelet.podman_time("2026-12-06T10:51:02.123456789Z") == "2026-12-06T10:51:02Z"
+    assert kubelet.podman_time("2026-12-06T11:51:02.5+01:00") == "2026-12-06T10:51:02Z"

@@ -310,7 +310,8 @@ class Kubelet:
         if not subdomain:
             return ()
         namespace = meta["namespace"]
-        hostnames = [spec.get("hostname") or meta["name"]]
+        own = spec.get("hostname") or meta["name"]
+        hostnames = []
         job_name = meta.get("labels", {}).get(JOB_NAME_LABEL)
         if job_name:
             from kubernetes.client.exceptions import ApiException
@@ -322,15 +323,14 @@ class Kubelet:
             except ApiException:
                 pass
         flags: list[str] = []
-        for hostname in dict.fromkeys(hostnames):
+        for hostname in dict.fromkeys([*hostnames, own]):  # the Job's in index order: predictable addresses
             key = (namespace, subdomain, hostname)
             if key not in self.fixed:
                 self.fixed[key] = self.hosts[len(self.fixed)]
             address = self.fixed[key]
             for alias in (f"{hostname}.{subdomain}", f"{hostname}.{subdomain}.{namespace}.svc.cluster.local"):
                 flags += ["--add-host", f"{alias}:{address}"]
-        own = self.fixed[(namespace, subdomain, hostnames[0])]
-        return ("--ip", own, *flags)
+        return ("--ip", self.fixed[(namespace, subdomain, own)], *flags)
 
     def serve_logs(self, namespace: str, name: str, container: str, log_file: Path) -> None:
         """A KWOK Logs object for the pod: `kubectl logs` reads `log_file` through KWOK's kubelet endpoint."""
