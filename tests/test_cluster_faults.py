@@ -27,7 +27,7 @@ from test_train import copy_shards, tiny_shards  # noqa: E402, F401
 
 from pneumonia.errors import EXIT_PEER_LOST, EXIT_PREEMPTED  # noqa: E402
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(3000)]
 TRAIN = "pneumonia-train"
 SIGKILL_EXIT = 128 + 9
 START_TIMEOUT_S = 600  # until both workers are in epoch 1: image start, TensorFlow, the first epoch

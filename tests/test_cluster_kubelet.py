@@ -21,7 +21,7 @@ import bed  # noqa: E402
 import train_job as kube  # noqa: E402
 from fixtures import pod_bed  # noqa: E402, F401
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(900)]
 TIMEOUT_S = 180
 
 
