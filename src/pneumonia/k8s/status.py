@@ -92,7 +92,7 @@ def explain_pending(pod: Any, events: list[Any]) -> str | None:
         if event.reason in ("FailedScheduling", "NotTriggerScaleUp") and event.message:
             messages.append(event.message)
     if messages:
-        hints = _scheduling_hints(" ".join(messages))
+        hints = _scheduling_hints(messages)
         scaling = [e.message for e in events if e.reason == "TriggeredScaleUp" and e.message]
         if scaling:
             hints.append(f"the cluster autoscaler is adding a node ({scaling[-1]}); this takes minutes")
@@ -112,20 +112,51 @@ def explain_pending(pod: Any, events: list[Any]) -> str | None:
     return None
 
 
-def _scheduling_hints(message: str) -> list[str]:
+# The scheduler's summary of one attempt: "0/7 nodes are available: 3 node(s) didn't match Pod's node
+# affinity/selector, 4 Insufficient nvidia.com/gpu. preemption: 0/7 nodes are available: ..." (one count
+# per reason, over every node; the preemption part repeats the nodes and is left out).
+_UNSCHEDULABLE = re.compile(r"0/(?P<total>\d+) nodes are available: (?P<reasons>.*?)\.?(?: preemption:.*)?$")
+_REASON = re.compile(r"(?:^|, )(?P<count>\d+) (?P<reason>.+?)(?=, \d+ |$)")
+
+
+def node_reasons(message: str) -> tuple[int, dict[str, int]] | None:
+    """(nodes, {reason: nodes it excluded}) from a scheduler message, or None if it is not one."""
+    found = _UNSCHEDULABLE.match(message.strip())
+    if found is None:
+        return None
+    reasons = {match["reason"]: int(match["count"]) for match in _REASON.finditer(found["reasons"])}
+    return int(found["total"]), reasons
+
+
+def _scheduling_hints(messages: list[str]) -> list[str]:
+    """Hints from the scheduler's (and autoscaler's) messages, with the number of nodes each reason
+    excluded when the scheduler's summary gives it."""
+    text = " ".join(messages)
+    summary = next(filter(None, map(node_reasons, messages)), None)
+
+    def excluded(*fragments: str) -> int:
+        return sum(count for reason, count in summary[1].items()
+                   if any(fragment in reason for fragment in fragments)) if summary else 0
+
+    def on(fragment: str) -> str:
+        return f" ({excluded(fragment)} of {summary[0]} nodes)" if summary and excluded(fragment) else ""
+
     hints = []
-    if f"Insufficient {mf.GPU_RESOURCE}" in message:
-        hints.append(f"not enough free {mf.GPU_RESOURCE}: the GPU node pool is full, at its maximum size, "
-                     "out of regional GPU quota, or still scaling up")
-    if "untolerated taint" in message:
-        hints.append("nodes carry a taint the pod does not tolerate (see the taints the scheduler lists)")
-    if "node affinity/selector" in message or "node(s) didn't match" in message:
+    if f"Insufficient {mf.GPU_RESOURCE}" in text:
+        hints.append(f"not enough free {mf.GPU_RESOURCE}{on(f'Insufficient {mf.GPU_RESOURCE}')}: the GPU node pool "
+                     "is full, at its maximum size, out of regional GPU quota, or still scaling up")
+    if "untolerated taint" in text:
+        hints.append(f"nodes carry a taint the pod does not tolerate{on('untolerated taint')} (see the taints the "
+                     "scheduler lists)")
+    # The nodes of other pools never match a GPU pod's selector: a cause only when no node matches it.
+    selector = ("node affinity/selector", "node(s) didn't match")
+    if excluded(*selector) == summary[0] if summary else any(fragment in text for fragment in selector):
         hints.append(f"no node has the pod's node labels: is there a node pool with the GPU type "
                      f"({mf.GPU_NODE_LABEL}) the run asks for? (--gpu-type)")
     for resource in ("cpu", "memory", "ephemeral-storage"):
-        if f"Insufficient {resource}" in message:
-            hints.append(f"no node has enough free {resource} for the pod's requests")
-    if "max node group size reached" in message or "max cluster" in message:
+        if f"Insufficient {resource}" in text:
+            hints.append(f"no node has enough free {resource} for the pod's requests{on(f'Insufficient {resource}')}")
+    if "max node group size reached" in text or "max cluster" in text:
         hints.append("the autoscaler reached the node pool's maximum size")
     return hints or ["the scheduler found no node (message below)"]
 
