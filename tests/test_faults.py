@@ -6,7 +6,7 @@ the index whose pod ended and counts that end against its index unless the polic
 Two real workers (TF_CONFIG on 127.0.0.1, MultiWorkerMirroredStrategy) train the tiny config.
 
 These are the fast checks (no control plane, no image). The same faults run through the real Job
-controller in tests/test_cluster_faults.py, which also checks that this scripted controller judges
+controller in tests/cluster/test_job_faults.py, which also checks that this scripted controller judges
 every failed pod there as the real one did.
 """
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import bed
+import kube
 import kubelet as kubelet_module
 import yaml
 
@@ -204,14 +205,9 @@ def signal_container(testbed: bed.PodNetworkBed, pod: dict[str, Any], signal: st
                    capture_output=True)
 
 
-def wait_for(condition, timeout_s: float, what: str, poll_s: float = 2.0):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+def wait_for(condition, timeout_s: float, what: str):  # noqa: ANN001, ANN201
+    """kube.wait_for at a pace that suits kubectl calls (each one is a process on a 2-core machine)."""
+    return kube.wait_for(condition, timeout_s, what, poll_s=2.0)
 
 
 def summary(kubeconfig: str, namespace: str, job_name: str, pods: dict[int, list[dict[str, Any]]] | None = None) -> str:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
+from kubernetes.client import CoreV1Api
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "cluster"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bed  # noqa: E402
+import kube as cluster_kube  # noqa: E402
 import train_job as kube  # noqa: E402
 from fixtures import pod_bed  # noqa: E402, F401
 
@@ -27,12 +28,11 @@ TIMEOUT_S = 180
 
 @pytest.fixture
 def namespace(kube_cluster) -> str:  # noqa: ANN001
-    name = f"kubelet-{uuid.uuid4().hex[:6]}"
-    kubeconfig = str(kube_cluster.kubeconfig)
-    kube.apply(kubeconfig, [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {
-        "pod-security.kubernetes.io/enforce": "restricted"}}}])
+    """A namespace under Pod Security `restricted`, as the project's."""
+    api = cluster_kube.api_client(kube_cluster.kubeconfig)
+    name = cluster_kube.create_namespace(CoreV1Api(api), cluster_kube.unique_name("kubelet"))
     yield name
-    kube.kubectl(kubeconfig, "delete", "namespace", name, "--wait=false", check=False)
+    cluster_kube.delete_namespace(api, name)
 
 
 def pod(name: str, code: str, grace_s: int = 30) -> dict:

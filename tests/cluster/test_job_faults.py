@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "cluster"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bed  # noqa: E402
 import train_job as jobs  # noqa: E402
 from fixtures import pod_bed  # noqa: E402, F401
