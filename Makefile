@@ -111,6 +111,14 @@ cluster-up: setup ## Start a local control plane on 127.0.0.1 (real API server, 
 cluster-down: setup ## Stop and delete the local control plane CLUSTER_NAME
 	$(PY) tests/cluster/testbed.py down --name $(CLUSTER_NAME) --kubeconfig $(CLUSTER_KUBECONFIG)
 
+.PHONY: cluster-local
+cluster-local: setup cluster-up ## The demo pipeline through the local control plane: image built, bucket stand-in, `kubectl apply -f manifests/`, pods as podman containers (root)
+	$(PY) tests/cluster/local.py --kubeconfig $(CLUSTER_KUBECONFIG)
+
+.PHONY: cluster-local-launcher
+cluster-local-launcher: setup cluster-up ## The same with the launcher: `make train-cluster PUSH=0` with the built image, then its status and logs
+	$(PY) tests/cluster/local.py --launcher --kubeconfig $(CLUSTER_KUBECONFIG)
+
 .PHONY: cluster-test
 cluster-test: setup ## Run the tests against a real control plane (one of their own, or PNEUMONIA_TEST_CLUSTER=name)
 	tests/cluster/build.sh >/dev/null
