@@ -19,14 +19,7 @@ def pod_bed(kube_cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         bed.build_image()
     testbed = bed.PodNetworkBed(str(kube_cluster.kubeconfig), tmp_path_factory.mktemp("pod-bed"),
                                 network=f"pneumonia-pods-{os.getpid()}", bucket="pneumonia-pods")
-    with testbed:
-        saved = {key: os.environ.get(key) for key in testbed.emulator.env}
-        os.environ.update(testbed.emulator.env)
-        try:
-            yield testbed
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    with testbed, pytest.MonkeyPatch.context() as patch:
+        for key, value in testbed.emulator.env.items():
+            patch.setenv(key, value)
+        yield testbed

@@ -170,24 +170,17 @@ def pod_log_file(testbed: bed.PodNetworkBed, pod: dict[str, Any]) -> Path:
 
 
 def log_events(path: Path) -> list[dict[str, Any]]:
-    """The JSON events of a container log in CRI format (`<time> <stream> <P|F> <text>`)."""
+    """The JSON events of a container log in CRI format (`<time> <stream> <P|F> <text>`; P: a partial line)."""
+    from test_train import events
+
     if not path.exists():
         return []
-    events, partial = [], ""
+    text = ""
     for line in path.read_text(errors="replace").splitlines():
         parts = line.split(" ", 3)
-        if len(parts) < 4:
-            continue
-        partial += parts[3]
-        if parts[2] == "P":
-            continue
-        text, partial = partial.strip(), ""
-        if text.startswith("{"):
-            try:
-                events.append(json.loads(text))
-            except json.JSONDecodeError:
-                pass
-    return events
+        if len(parts) == 4:
+            text += parts[3] + ("" if parts[2] == "P" else "\n")
+    return events(text)
 
 
 def saw(testbed: bed.PodNetworkBed, pod: dict[str, Any], event: str, **fields: Any) -> bool:
