@@ -106,7 +106,10 @@ def node_objects(pools: tuple[NodePool, ...] = POOLS, zone: str = "europe-west4-
                              "annotations": {"kwok.x-k8s.io/node": "fake",
                                              "node.alpha.kubernetes.io/ttl": "0"}},
                 "spec": {"taints": taints} if taints else {},
+                # The API server reaches a node's "kubelet" (KWOK's server: logs) at its InternalIP.
                 "status": {"allocatable": allocatable, "capacity": capacity,
+                           "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
+                                         {"type": "Hostname", "address": name}],
                            "nodeInfo": {"kubeletVersion": KUBE_VERSION, "operatingSystem": "linux",
                                         "architecture": "amd64", "osImage": "Container-Optimized OS (simulated)"}},
             })
