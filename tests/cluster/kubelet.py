@@ -126,6 +126,7 @@ class Tracked:
     container: str
     container_name: str
     log_file: Path
+    address: str = ""  # the pod's IP on the network, read when the container started (gone once it exits)
     stopping: subprocess.Popen | None = None
     reported: str = ""  # "", "running", "terminated"
     finalized: bool = False
@@ -151,13 +152,13 @@ class Kubelet:
         return json.loads(response.data)["items"]
 
     def patch_status(self, namespace: str, name: str, status: dict) -> None:
+        """A strategic merge patch of the status: conditions merge by type (the eviction API's or the pod
+        GC's DisruptionTarget stays), containerStatuses by name; a null removes a key (the state left)."""
         from kubernetes.client.exceptions import ApiException
 
         try:
-            self.core.api_client.call_api(
-                f"/api/v1/namespaces/{namespace}/pods/{name}/status", "PATCH", body={"status": status},
-                header_params={"Content-Type": "application/strategic-merge-patch+json", "Accept": "application/json"},
-                auth_settings=["BearerToken"], _preload_content=False)
+            self.core.patch_namespaced_pod_status(name, namespace, {"status": status}, _preload_content=False,
+                                                  _content_type="application/strategic-merge-patch+json")
         except ApiException as error:
             if error.status != 404:
                 raise
@@ -281,6 +282,7 @@ class Kubelet:
             podman("rm", "--force", "--ignore", name, check=False)
             self.report_waiting(pod, "CreateContainerError", result.stderr.strip()[-500:])
             return
+        self.tracked[uid].address = self.address_of(json.loads(podman("inspect", name))[0])
         self.serve_logs(meta["namespace"], meta["name"], container["name"], log_file)
 
     def config_volumes(self, pod: dict, pod_dir: Path) -> dict[str, str]:
@@ -370,10 +372,15 @@ class Kubelet:
     def inspect(self, tracked: Tracked) -> dict:
         return json.loads(podman("inspect", tracked.container_name))[0]
 
-    def base_status(self, pod: dict, info: dict) -> dict:
+    @staticmethod
+    def address_of(info: dict) -> str:
         address = ""
         for settings in (info.get("NetworkSettings", {}).get("Networks") or {}).values():
             address = settings.get("IPAddress") or address
+        return address
+
+    def base_status(self, pod: dict, info: dict, tracked: Tracked) -> dict:
+        address = self.address_of(info) or tracked.address
         status: dict[str, Any] = {"hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}]}
         if address:
             status.update(podIP=address, podIPs=[{"ip": address}])
@@ -385,7 +392,7 @@ class Kubelet:
         info = self.inspect(tracked)
         started = podman_time(info["State"]["StartedAt"])
         container = pod["spec"]["containers"][0]
-        status = self.base_status(pod, info)
+        status = self.base_status(pod, info, tracked)
         status["phase"] = "Running"
         status["conditions"] = [self.condition(kind, "True", started) for kind in
                                 ("PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready")]
@@ -405,10 +412,11 @@ class Kubelet:
         started = podman_time(state["StartedAt"]) if not state["StartedAt"].startswith("0001") else finished
         container = pod["spec"]["containers"][0]
         phase = "Succeeded" if code == 0 else "Failed"
-        status = self.base_status(pod, info)
+        status = self.base_status(pod, info, tracked)
         status["phase"] = phase
         pod_reason = "PodCompleted" if code == 0 else "PodFailed"
         status["conditions"] = [self.condition("PodReadyToStartContainers", "False", finished),
+                                self.condition("Initialized", "True", started),
                                 self.condition("ContainersReady", "False", finished, pod_reason),
                                 self.condition("Ready", "False", finished, pod_reason)]
         status["containerStatuses"] = [{
