@@ -52,7 +52,9 @@ LABEL_OWNER = "pneumonia.testbed.kubelet"  # value: this kubelet's network name;
 LABEL_UID = "io.kubernetes.pod.uid"
 POLL_S = 1.0
 PODMAN_TIMEOUT_S = 120
-FIRST_FIXED_HOST = 10  # addresses below this on the network are left to podman's own allocation
+# Fixed addresses (pods with a subdomain) come from the top of the network's range; podman hands out
+# the others from the bottom up, so the two meet only after ~190 pods on one network.
+FIXED_HOSTS = 64
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 LOGS_API = ("kwok.x-k8s.io", "v1alpha1", "logs")
 
@@ -140,7 +142,7 @@ class Kubelet:
         self.node_env, self.node_mounts = node_env, node_mounts
         self.tracked: dict[str, Tracked] = {}
         self.fixed: dict[tuple[str, str, str], str] = {}  # (namespace, subdomain, hostname) -> address
-        self.hosts = [str(host) for host in network_hosts(network)[FIRST_FIXED_HOST:]]
+        self.hosts = [str(host) for host in network_hosts(network)[-FIXED_HOSTS:]]
         self.logs_crd = True
         self.stop = threading.Event()
         self.start_failed: dict[str, float] = {}  # pod uid -> when its container last failed to start
