@@ -92,6 +92,9 @@ class PodNetworkBed:
         pods on GKE get Google's endpoints and credentials from the node (Workload Identity)."""
         env = dict(self.emulator.env)
         env["CURL_CA_BUNDLE"] = CA_IN_POD
+        # gRPC (the train workers' channels, TensorFlow's coordination service) would send every
+        # connection through https_proxy too; an empty grpc_proxy keeps them direct, as on GKE.
+        env["grpc_proxy"] = ""
         env.pop("GCS_RETRY_CONFIG_MAX_RETRIES", None)  # the pods keep TensorFlow's own retries
         return [f"{key}={value}" for key, value in env.items()]
 
