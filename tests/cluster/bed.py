@@ -52,8 +52,10 @@ class PodNetworkBed:
     from this machine), `.gateway` the address the pods reach this machine on, `.workdir/pods/` the
     pods' folders (ConfigMap files and container logs)."""
 
-    def __init__(self, kubeconfig: str, workdir: Path, network: str, bucket: str, image: str = IMAGE) -> None:
+    def __init__(self, kubeconfig: str, workdir: Path, network: str, bucket: str, image: str = IMAGE,
+                 namespace_prefix: str = "") -> None:
         self.kubeconfig, self.workdir, self.network, self.bucket, self.image = kubeconfig, workdir, network, bucket, image
+        self.namespace_prefix = namespace_prefix  # the kubelet serves only these namespaces' pods
         self.gateway = ""
         self.emulator: GcsEmulator | None = None
         self.kubelet: ManagedProcess | None = None
@@ -74,7 +76,7 @@ class PodNetworkBed:
             ready.unlink(missing_ok=True)
             argv = [sys.executable, str(REPO / "tests" / "cluster" / "kubelet.py"), "--kubeconfig", self.kubeconfig,
                     "--network", self.network, "--workdir", str(self.workdir), "--infra-image", self.image,
-                    "--ready-file", str(ready), "--node-mount", f"{self.emulator.certs['ca_cert']}:{CA_IN_POD}:ro",
+                    "--ready-file", str(ready), "--namespace-prefix", self.namespace_prefix, "--node-mount", f"{self.emulator.certs['ca_cert']}:{CA_IN_POD}:ro",
                     *[flag for env in self.pod_env() for flag in ("--node-env", env)]]
             self.kubelet = ManagedProcess("kubelet", argv, self.workdir / "kubelet.log")
             deadline = time.monotonic() + KUBELET_READY_S

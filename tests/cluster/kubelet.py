@@ -136,8 +136,10 @@ class Tracked:
 
 
 class Kubelet:
-    def __init__(self, core, batch, custom, network: str, workdir: Path, node_env: list[str], node_mounts: list[str]) -> None:  # noqa: ANN001
+    def __init__(self, core, batch, custom, network: str, workdir: Path, node_env: list[str], node_mounts: list[str],  # noqa: ANN001
+                 namespace_prefix: str = "") -> None:
         self.core, self.batch, self.custom = core, batch, custom
+        self.namespace_prefix = namespace_prefix
         self.network, self.workdir = network, workdir
         self.node_env, self.node_mounts = node_env, node_mounts
         self.tracked: dict[str, Tracked] = {}
@@ -192,6 +194,8 @@ class Kubelet:
         containers = self.containers()
         alive = set()
         for pod in pods_bound:
+            if not pod["metadata"]["namespace"].startswith(self.namespace_prefix):
+                continue  # another stand-in's pods (several test beds may share one control plane)
             uid = pod["metadata"]["uid"]
             alive.add(uid)
             if pod["spec"]["nodeName"] not in nodes:
@@ -486,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node-mount", action="append", default=[], metavar="HOST:CONTAINER:ro",
                         help="a host file every container sees (the bucket stand-in's CA)")
     parser.add_argument("--ready-file", type=Path, help="written with the gateway address once running")
+    parser.add_argument("--namespace-prefix", default="",
+                        help="serve only pods in namespaces starting with this (a real node's kubelet serves all "
+                             "of its pods; here several stand-ins may share one control plane)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s kubelet %(levelname)s %(message)s")
 
@@ -494,8 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     api_client = config.new_client_from_config(config_file=args.kubeconfig)
     gateway = ensure_network(args.network, args.infra_image)
     kubelet = Kubelet(client.CoreV1Api(api_client), client.BatchV1Api(api_client), client.CustomObjectsApi(api_client),
-                      args.network,
-                      args.workdir.resolve(), args.node_env, args.node_mount)
+                      args.network, args.workdir.resolve(), args.node_env, args.node_mount, args.namespace_prefix)
     signal.signal(signal.SIGTERM, lambda *_: kubelet.stop.set())
     signal.signal(signal.SIGINT, lambda *_: kubelet.stop.set())
     if args.ready_file:

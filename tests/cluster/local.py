@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cluster-local: image {bed.IMAGE} ready after {time.monotonic() - started:.0f}s", flush=True)
     # A namespace left from an earlier run: its Jobs would be reused or collide.
     kubectl(args.kubeconfig, "delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=true", timeout=300)
-    testbed = bed.PodNetworkBed(args.kubeconfig, WORK, NETWORK, BUCKET)
+    testbed = bed.PodNetworkBed(args.kubeconfig, WORK, NETWORK, BUCKET, namespace_prefix=NAMESPACE)
     testbed.start()
     try:
         print(f"cluster-local: bucket gs://{BUCKET} on {testbed.emulator.proxy_url} (pods reach {testbed.gateway}); "

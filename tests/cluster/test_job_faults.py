@@ -27,6 +27,7 @@ from test_train import copy_shards, tiny_shards  # noqa: E402, F401
 
 from pneumonia.errors import EXIT_PEER_LOST, EXIT_PREEMPTED  # noqa: E402
 
+POD_NAMESPACE_PREFIX = "faults-"  # the namespaces whose pods this module's kubelet runs
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(3000)]
 TRAIN = "pneumonia-train"
 SIGKILL_EXIT = 128 + 9

@@ -22,6 +22,7 @@ import kube as cluster_kube  # noqa: E402
 import train_job as kube  # noqa: E402
 from fixtures import pod_bed  # noqa: E402, F401
 
+POD_NAMESPACE_PREFIX = "kubelet-"  # the namespaces whose pods this module's kubelet runs
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(900)]
 TIMEOUT_S = 180
 
