@@ -100,8 +100,9 @@ test-fast: setup ## Run the tests without the slow end-to-end ones
 	$(PY) -m pytest -n $(TEST_JOBS) --dist worksteal -m 'not slow and not cluster' $(PYTEST_ARGS)
 
 .PHONY: cluster-build
-cluster-build: ## Build the local control plane's binaries that are missing (Go 1.26; ~/.cache/pneumonia-k8s)
+cluster-build: ## Build the local control plane's binaries and Kueue that are missing (Go 1.26; ~/.cache/pneumonia-k8s)
 	tests/cluster/build.sh
+	tests/cluster/build-kueue.sh
 
 .PHONY: cluster-up
 cluster-up: setup ## Start a local control plane on 127.0.0.1 (real API server, etcd, controllers, scheduler; simulated GKE nodes)
@@ -122,6 +123,7 @@ cluster-local-launcher: setup cluster-up ## The same with the launcher: `make tr
 .PHONY: cluster-test
 cluster-test: setup ## Run the tests against a real control plane (one of their own, or PNEUMONIA_TEST_CLUSTER=name)
 	tests/cluster/build.sh >/dev/null
+	tests/cluster/build-kueue.sh >/dev/null
 	$(PY) -m pytest -m cluster $(PYTEST_ARGS)
 
 .PHONY: image-test

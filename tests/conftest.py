@@ -96,7 +96,8 @@ def kube_cluster() -> Iterator[Cluster]:
 
     reuse = os.environ.get("PNEUMONIA_TEST_CLUSTER")
     if reuse:
-        cluster = Cluster(reuse)
+        # kwokctl's own admin kubeconfig of that cluster: found whatever CLUSTER_KUBECONFIG it was started with.
+        cluster = Cluster(reuse, Cluster(reuse).workdir / "kubeconfig.yaml")
         if not cluster.ready():
             pytest.fail(f"PNEUMONIA_TEST_CLUSTER={reuse}: no such cluster answers; start it with "
                         f"make cluster-up CLUSTER_NAME={reuse}")

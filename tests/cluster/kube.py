@@ -28,9 +28,13 @@ def unique_name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def create_namespace(core: kubernetes.client.CoreV1Api, name: str) -> str:
-    """A namespace enforcing Pod Security `restricted`, as manifests/00-namespace.yaml does."""
+def create_namespace(core: kubernetes.client.CoreV1Api, name: str, accounts: tuple[str, ...] = ("pneumonia",)) -> str:
+    """A namespace enforcing Pod Security `restricted`, as manifests/00-namespace.yaml does, holding the
+    ServiceAccount(s) the pods run as (the ServiceAccount admission plugin refuses pods without theirs)."""
     core.create_namespace({"metadata": {"name": name, "labels": RESTRICTED}})
+    for account in accounts:
+        core.create_namespaced_service_account(name, {"metadata": {"name": account},
+                                                      "automountServiceAccountToken": False})
     return name
 
 

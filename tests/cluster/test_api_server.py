@@ -56,6 +56,8 @@ def namespace(kube_cluster: Cluster) -> Iterator[str]:
 def test_every_manifest_is_accepted_and_each_stage_lands_on_its_pool(kube_cluster: Cluster, namespace: str) -> None:
     objects = user_manifests(namespace)
     text = yaml.safe_dump_all(objects)
+    # A server-side dry run of namespaced objects needs their namespace: 00-namespace.yaml goes first.
+    kube_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(objects[0]))
     dry = kube_cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=text, check=False)
     assert dry.returncode == 0, dry.stderr
     applied = kube_cluster.kubectl("apply", "-f", "-", "-o", "name", input=text, check=False)
@@ -145,3 +147,25 @@ def test_gke_admission_adds_the_gpu_toleration_to_pods_that_request_gpus(kube_cl
     tolerations = json.loads(done.stdout)["spec"]["tolerations"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
     assert {t["key"] for t in tolerations} >= {"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"}
+
+
+def test_a_gpu_quota_stops_the_job_controller_at_the_second_worker(kube_cluster: Cluster, namespace: str) -> None:
+    """ResourceQuota admission (on, as on GKE): under a namespace quota of one GPU, the Job controller
+    creates the first train pod and the server refuses the second, the Job's events saying why."""
+    api = api_client(kube_cluster.kubeconfig)
+    core = kubernetes.client.CoreV1Api(api)
+    create_namespace(core, namespace)
+    core.create_namespaced_resource_quota(namespace, {"metadata": {"name": "gpus"},
+                                                      "spec": {"hard": {"requests.nvidia.com/gpu": "1"}}})
+    # Admission counts against the quota's status, which the quota controller fills in first.
+    wait_for(lambda: (core.read_namespaced_resource_quota("gpus", namespace).status.hard or {}), 30,
+             "the quota controller to count the quota")
+    kube_cluster.kubectl("apply", "-f", "-", input=json.dumps(train_job(namespace)))
+
+    def refused() -> list[Any]:
+        events = core.list_namespaced_event(namespace, field_selector="involvedObject.kind=Job").items
+        return [e for e in events if e.reason == "FailedCreate" and "exceeded quota: gpus" in e.message]
+
+    (event, *_) = wait_for(refused, 60, "the Job controller's FailedCreate event")
+    assert "requested: requests.nvidia.com/gpu=1, used: requests.nvidia.com/gpu=1" in event.message, event.message
+    assert len(core.list_namespaced_pod(namespace).items) == 1

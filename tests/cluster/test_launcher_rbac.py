@@ -140,14 +140,55 @@ def test_a_call_outside_the_role_is_refused_by_the_authorizer(kube_cluster: Clus
         assert f"system:serviceaccount:{namespace}:{LAUNCHER}" in body["message"]
 
 
-@pytest.mark.parametrize("identity", [[rule for rule in role_rules() if rule["resources"] != ["events"]]],
-                         indirect=True, ids=["role-without-events"])
-def test_launcher_names_the_grant_its_identity_lacks(identity: tuple[str, Path]) -> None:
-    """The launcher's preflight (SelfSubjectAccessReview) agrees with the real RBAC: a Role short of one
-    rule stops the run before anything is created, naming what is missing (exit 2, bad setup)."""
+def narrowed_role() -> list[dict[str, Any]]:
+    """The Role of manifests/ without `create` on jobs and without pods/log."""
+    rules = [rule for rule in role_rules() if rule["resources"] != ["pods/log"]]
+    for rule in rules:
+        if rule["resources"] == ["jobs"]:
+            rule["verbs"].remove("create")
+    return rules
+
+
+@pytest.mark.parametrize("identity", [narrowed_role()], indirect=True, ids=["role-without-create-jobs-and-logs"])
+def test_missing_access_stops_before_anything_is_created(kube_cluster: Cluster, identity: tuple[str, Path]) -> None:
+    """The launcher's preflight (SelfSubjectAccessReview) agrees with the real RBAC: a Role short of two
+    grants stops the run before anything is created, naming both (exit 2, a setup to fix)."""
     namespace, kubeconfig = identity
     code, text = launcher(kubeconfig, namespace, "run", "--image", "registry.local/pneumonia:0.1.0",
                           "--bucket", "gs://bucket/pneumonia", "--run-id", RUN_ID, "--timeout-s", "5")
     assert code == EXIT_BAD_INPUT, text
-    assert f"your Kubernetes user may not list events in namespace {namespace}" in text, text
-    assert "created" not in text
+    assert f"your Kubernetes user may not create jobs.batch, get pods/log in namespace {namespace}" in text, text
+    writes = {(verb, resource) for verb, resource, _ in audited(kube_cluster, namespace, LAUNCHER)
+              if verb not in ("get", "list", "watch")}
+    assert writes == {("create", "selfsubjectaccessreviews")}, writes
+
+
+def test_setup_creates_then_updates_the_namespace_objects_as_an_admin(kube_cluster: Cluster) -> None:
+    """`run --setup` (an admin's once-only step) on the real server, twice: the first run creates the
+    Namespace, ServiceAccount, Role and RoleBinding, the second patches the same objects (409, then
+    the launcher's patch, which the server must accept for every kind) and attaches to the running Job."""
+    namespace = unique_name("setup")
+    admin = api_client(kube_cluster.kubeconfig)
+    args = ["run", "--image", "registry.local/pneumonia:0.1.0", "--bucket", "gs://bucket/pneumonia",
+            "--run-id", RUN_ID, "--setup", "--gsa", "pneumonia-pipeline@my-project.iam.gserviceaccount.com",
+            "--poll-s", "1", "--timeout-s", "2"]
+    try:
+        code, first = launcher(kube_cluster.kubeconfig, namespace, *args)
+        assert code == EXIT_FAILURE and "[preprocess] still not finished after" in first, first
+        for kind, name in (("Namespace", namespace), ("ServiceAccount", "pneumonia"), ("Role", "pneumonia-launcher"),
+                           ("RoleBinding", "pneumonia-launcher")):
+            assert f"created {kind} {name}" in first, first
+        code, second = launcher(kube_cluster.kubeconfig, namespace, *args)
+        errors = [line for line in second.splitlines() if line.startswith("error:")]
+        assert code == EXIT_FAILURE and len(errors) == 1 and "still not finished" in errors[0], second
+        for kind, name in (("Namespace", namespace), ("ServiceAccount", "pneumonia"), ("Role", "pneumonia-launcher"),
+                           ("RoleBinding", "pneumonia-launcher"), ("ConfigMap", "pneumonia-config")):
+            assert f"updated {kind} {name}" in second, second
+        assert "[preprocess] following the existing Job pneumonia-preprocess" in second, second
+        core = kubernetes.client.CoreV1Api(admin)
+        assert core.read_namespace(namespace).metadata.labels["pod-security.kubernetes.io/enforce"] == "restricted"
+        account = core.read_namespaced_service_account("pneumonia", namespace)
+        assert account.metadata.annotations["iam.gke.io/gcp-service-account"] == \
+            "pneumonia-pipeline@my-project.iam.gserviceaccount.com"
+    finally:
+        delete_namespace(admin, namespace)

@@ -30,7 +30,6 @@ def admin(kube_cluster: Cluster) -> Iterator[kc.KubeClient]:
     api = api_client(kube_cluster.kubeconfig)
     client = kc.KubeClient(namespace=unique_name("pending"), api_client=api)
     create_namespace(client.core, client.namespace)
-    client.core.create_namespaced_service_account(client.namespace, {"metadata": {"name": "pneumonia"}})
     yield client
     delete_namespace(api, client.namespace)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -165,8 +166,16 @@ class Cluster:
                     input=input, check=check, timeout=timeout)
 
     def ready(self) -> bool:
+        return self._answers(self.kubeconfig)
+
+    def _answers(self, kubeconfig: Path | None = None) -> bool:
+        """/readyz through `kubeconfig` (default: kwokctl's own admin kubeconfig of the cluster)."""
+        kubeconfig = kubeconfig or self.workdir / "kubeconfig.yaml"
+        if not kubeconfig.exists():
+            return False
         try:
-            return self.kubectl("get", "--raw", "/readyz", check=False, timeout=10).returncode == 0
+            return _run([str(BIN / "kubectl"), "--kubeconfig", str(kubeconfig), "get", "--raw", "/readyz"],
+                        check=False, timeout=10).returncode == 0
         except subprocess.TimeoutExpired:
             return False
 
@@ -175,10 +184,15 @@ class Cluster:
     def up(self, timeout: float = 180) -> Cluster:
         """Starts the cluster (building what is missing), or reuses it when it already runs; adds the nodes."""
         build()
-        if self.exists() and not self.ready():
-            self.kwokctl("start", "cluster", timeout=timeout)  # stopped (e.g. after a reboot): start it again
-        elif not self.exists():
+        if not self.exists():
             self._create(timeout)
+        elif not self._answers():
+            self.kwokctl("start", "cluster", timeout=timeout)  # stopped (e.g. after a reboot): start it again
+        if not self.kubeconfig.exists():  # running already, asked for at another path: write it there too
+            self.kubeconfig.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.kubeconfig.with_name(f".{self.kubeconfig.name}.tmp")
+            partial.write_text(self.kwokctl("get", "kubeconfig").stdout)
+            partial.replace(self.kubeconfig)
         self._wait(self.ready, timeout, "the API server to answer /readyz")
         self.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(node_objects()))
         self.kubectl("wait", "--for=condition=Ready", "node", "--all", f"--timeout={int(timeout)}s",
@@ -196,7 +210,11 @@ class Cluster:
         }
         documents = list(yaml.safe_load_all((HERE / "kwok.yaml").read_text()))
         documents[0]["options"].update({key: str(value) for key, value in options.items()})
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"kwokctl-{self.name}-") as config:
+        # kwokctl picks each cluster's ports from those no other cluster's config names yet: two creates at
+        # once could pick the same ones, so creates (not the clusters) take turns.
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"kwokctl-{self.name}-") as config, \
+                open(KWOK_WORKDIR / ".pneumonia-create.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             yaml.safe_dump_all(documents, config)
             config.flush()
             self.kubeconfig.parent.mkdir(parents=True, exist_ok=True)

@@ -283,7 +283,8 @@ def _write_shards_once(out_dir: str, plans: list[ShardPlan], config: PipelineCon
     sources = [storage.join(root, row["path"]) for plan in plans for row in plan.rows]
 
     def load(path: tf.Tensor) -> tuple:
-        resized, original_height, original_width = imaging.load_resized(tf.io.read_file(path), height, width, channels)
+        resized, original_height, original_width = imaging.load_resized(tf.io.read_file(path), height, width, channels,
+                                                                        fit=shard.fit)
         return imaging.encode(resized, shard.encoding), original_height, original_width
 
     # Parallel decode/resize/encode, but deterministic order: record i is row i of the plans.
