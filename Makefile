@@ -39,6 +39,8 @@ BUCKET ?=
 GPUS_PER_WORKER ?= 1
 GPU_TYPE ?= nvidia-l4
 DRY_RUN ?=
+# 0: train-cluster uses IMAGE as it is (already pushed, or local to the cluster test bed's nodes)
+PUSH ?= 1
 K8S_FLAGS ?=
 
 ## Local control plane (tests/cluster/testbed.py, docs/cluster-local.md)
@@ -112,6 +114,14 @@ cluster-up: setup ## Start a local control plane on 127.0.0.1 (real API server, 
 cluster-down: setup ## Stop and delete the local control plane CLUSTER_NAME
 	$(PY) tests/cluster/testbed.py down --name $(CLUSTER_NAME) --kubeconfig $(CLUSTER_KUBECONFIG)
 
+.PHONY: cluster-local
+cluster-local: setup cluster-up ## The demo pipeline through the local control plane: image built, bucket stand-in, `kubectl apply -f manifests/`, pods as podman containers (root)
+	$(PY) tests/cluster/local.py --kubeconfig $(CLUSTER_KUBECONFIG)
+
+.PHONY: cluster-local-launcher
+cluster-local-launcher: setup cluster-up ## The same with the launcher: `make train-cluster PUSH=0` with the built image, then its status and logs
+	$(PY) tests/cluster/local.py --launcher --kubeconfig $(CLUSTER_KUBECONFIG)
+
 .PHONY: cluster-test
 cluster-test: setup ## Run the tests against a real control plane (one of their own, or PNEUMONIA_TEST_CLUSTER=name)
 	tests/cluster/build.sh >/dev/null
@@ -145,7 +155,7 @@ push: image ## Build and push IMAGE to its registry
 	docker push $(IMAGE)
 
 .PHONY: train-cluster
-train-cluster: setup $(if $(DRY_RUN),,push) ## Push the image, upload ARCHIVE, launch and follow the Jobs (BUCKET=gs://... [DRY_RUN=1])
+train-cluster: setup $(if $(DRY_RUN)$(filter 0,$(PUSH)),,push) ## Push the image, upload ARCHIVE, launch and follow the Jobs (BUCKET=gs://... [DRY_RUN=1] [PUSH=0: IMAGE is already where the nodes get it])
 	$(PY) -m pneumonia.k8s run --namespace $(NAMESPACE) --image $(IMAGE) \
 		$(if $(filter command line environment,$(origin WORKERS)),--workers $(WORKERS)) --gpus-per-worker $(GPUS_PER_WORKER) --gpu-type $(GPU_TYPE) \
 		$(if $(BUCKET),--bucket $(BUCKET)) $(if $(CONTEXT),--context $(CONTEXT)) \

@@ -80,13 +80,13 @@ def fake_gcs_server_binary() -> Path:
     return _server._get_binary_path()  # noqa: SLF001 - the wrapper's own lookup (platform, arch)
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
-def make_certificates(folder: Path) -> dict[str, Path]:
+def make_certificates(folder: Path, host: str = "127.0.0.1") -> dict[str, Path]:
     """A throwaway CA and one leaf certificate it signs, for both GCS hosts and loopback.
 
     Returns paths: ca_cert, ca_key (the CA's), leaf_cert, leaf_key. Keys are EC P-256 (fast to make).
@@ -118,7 +118,7 @@ def make_certificates(folder: Path) -> dict[str, Path]:
 
     leaf_key = ec.generate_private_key(ec.SECP256R1())
     sans = [x509.DNSName(host) for host in (*GCS_HOSTS, "localhost")]
-    sans.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    sans += [x509.IPAddress(ipaddress.ip_address(address)) for address in dict.fromkeys(("127.0.0.1", host))]
     leaf_cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, GCS_HOSTS[0])]))
@@ -195,8 +195,11 @@ class GcsEmulatorError(RuntimeError):
 class GcsEmulator:
     """fake-gcs-server plus the TLS-intercepting proxy in front of it. See the module docstring."""
 
-    def __init__(self, workdir: Path, bucket: str = "pneumonia-test") -> None:
+    def __init__(self, workdir: Path, bucket: str = "pneumonia-test", host: str = "127.0.0.1") -> None:
+        """`host`: the address all three servers listen on; loopback unless containers must reach them
+        (the cluster test bed passes its podman network's gateway address)."""
         self.workdir = Path(workdir)
+        self.host = host
         self.bucket = bucket
         self.port = 0
         self.proxy_port = 0
@@ -208,21 +211,21 @@ class GcsEmulator:
     @property
     def endpoint(self) -> str:
         """The emulator's own URL (what STORAGE_EMULATOR_HOST holds)."""
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def forwarder_url(self) -> str:
         """Where google-cloud-storage goes (STORAGE_EMULATOR_HOST): the emulator, behind the fault forwarder."""
-        return f"http://127.0.0.1:{self.forwarder_port}"
+        return f"http://{self.host}:{self.forwarder_port}"
 
     @property
     def proxy_url(self) -> str:
-        return f"http://127.0.0.1:{self.proxy_port}"
+        return f"http://{self.host}:{self.proxy_port}"
 
     @property
     def env(self) -> dict[str, str]:
         """What a process needs to use the emulator with both clients; pass it to subprocesses."""
-        no_proxy = "127.0.0.1,localhost"
+        no_proxy = ",".join(dict.fromkeys(("127.0.0.1", "localhost", self.host)))
         return {
             "STORAGE_EMULATOR_HOST": self.forwarder_url,
             "HTTPS_PROXY": self.proxy_url,
@@ -238,7 +241,7 @@ class GcsEmulator:
     def start(self) -> GcsEmulator:
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            self.certs = make_certificates(self.workdir / "certs")
+            self.certs = make_certificates(self.workdir / "certs", self.host)
             self._start_emulator()
             self._start_forwarder()
             self._start_proxy()
@@ -303,8 +306,8 @@ class GcsEmulator:
                 raise GcsEmulatorError(f"creating bucket {name} failed: HTTP {error.code} {error.read()!r}") from None
 
     def _start_emulator(self) -> None:
-        self.port = free_port()
-        argv = [str(fake_gcs_server_binary()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
+        self.port = free_port(self.host)
+        argv = [str(fake_gcs_server_binary()), "-scheme", "http", "-host", self.host, "-port", str(self.port),
                 "-backend", "memory",
                 # Resumable-upload session URLs (Location headers) point back at the emulator itself.
                 "-external-url", self.endpoint,
@@ -323,7 +326,7 @@ class GcsEmulator:
         port_file.unlink(missing_ok=True)
         env = {**os.environ, FAULTS_DIR_ENV: str(self.faults_dir)}
         forwarder = ManagedProcess("fault-forwarder", [sys.executable, str(_TESTS_DIR / "gcs_faults.py"),
-                                                       self.endpoint, str(port_file)],
+                                                       self.endpoint, str(port_file), self.host],
                                    self.workdir / "fault-forwarder.log", env=env)
         self.processes.append(forwarder)
 
@@ -343,7 +346,7 @@ class GcsEmulator:
         assert self.certs["leaf_cert"].name == LEAF_CERT_NAME
         port_file = self.workdir / "proxy.port"
         port_file.unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "proxy", "--hostname", "127.0.0.1", "--port", "0",
+        argv = [sys.executable, "-m", "proxy", "--hostname", self.host, "--port", "0",
                 "--port-file", str(port_file),
                 # Our subclass replaces the core proxy plugin; see gcs_proxy_plugin's docstring.
                 "--disable-http-proxy",
@@ -356,7 +359,7 @@ class GcsEmulator:
         env = {key: value for key, value in os.environ.items()
                if key.lower() not in ("https_proxy", "http_proxy", "all_proxy")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_TESTS_DIR), env.get("PYTHONPATH", "")]))
-        env[UPSTREAM_ENV] = f"127.0.0.1:{self.port}"
+        env[UPSTREAM_ENV] = f"{self.host}:{self.port}"
         env[FAULTS_DIR_ENV] = str(self.faults_dir)
         proxy = ManagedProcess("proxy.py", argv, self.workdir / "proxy.log", env=env)
         self.processes.append(proxy)
@@ -370,7 +373,7 @@ class GcsEmulator:
                 return False
             self.proxy_port = int(text[0])
             try:
-                socket.create_connection(("127.0.0.1", self.proxy_port), timeout=1).close()
+                socket.create_connection((self.host, self.proxy_port), timeout=1).close()
             except OSError:
                 return False
             return True

@@ -202,23 +202,24 @@ class _ForwardingHandler(http.server.BaseHTTPRequestHandler):
 
 
 class FaultForwarder(http.server.ThreadingHTTPServer):
-    """http://127.0.0.1:<port> -> the emulator, with the plan's faults; loopback only."""
+    """http://<host>:<port> -> the emulator, with the plan's faults; loopback by default (the cluster
+    test bed's containers reach it on their network's gateway address)."""
 
     daemon_threads = True
 
-    def __init__(self, upstream: str, faults_dir: str | None) -> None:
-        super().__init__(("127.0.0.1", 0), _ForwardingHandler)
+    def __init__(self, upstream: str, faults_dir: str | None, host: str = "127.0.0.1") -> None:
+        super().__init__((host, 0), _ForwardingHandler)
         parsed = urllib.parse.urlsplit(upstream)
         self.upstream = (parsed.hostname, parsed.port)
         self.upstream_url = upstream.rstrip("/")
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        self.url = f"http://{host}:{self.server_address[1]}"
         self.plan = FaultPlan(faults_dir, "google-cloud-storage")
 
 
 def main(argv: list[str]) -> None:
-    """python gcs_faults.py UPSTREAM_URL PORT_FILE: serve until terminated (GCS_FAULTS_DIR names the plan)."""
-    upstream, port_file = argv
-    server = FaultForwarder(upstream, os.environ.get(FAULTS_DIR_ENV))
+    """python gcs_faults.py UPSTREAM_URL PORT_FILE [HOST]: serve until terminated (GCS_FAULTS_DIR names the plan)."""
+    upstream, port_file, *host = argv
+    server = FaultForwarder(upstream, os.environ.get(FAULTS_DIR_ENV), *host)
     temp = Path(f"{port_file}.tmp")
     temp.write_text(f"{server.server_address[1]}\n")
     temp.rename(port_file)  # whole, so the fixture never reads half a number

@@ -4,6 +4,10 @@ tests/indexed_job.py plays the Job controller on loopback with the train Job's o
 backoffLimitPerIndex and maxFailedIndexes, read from manifests/31-train-job.yaml: it restarts only
 the index whose pod ended and counts that end against its index unless the policy ignores it.
 Two real workers (TF_CONFIG on 127.0.0.1, MultiWorkerMirroredStrategy) train the tiny config.
+
+These are the fast checks (no control plane, no image). The same faults run through the real Job
+controller in tests/cluster/test_job_faults.py, which also checks that this scripted controller judges
+every failed pod there as the real one did.
 """
 
 from __future__ import annotations

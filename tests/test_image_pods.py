@@ -90,7 +90,9 @@ def test_settings_are_read_not_copied() -> None:
     (lambda spec: spec["securityContext"].update(seccompProfile={"type": "Unconfined"}), "Unconfined"),
     (lambda spec: spec["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
      or spec["containers"][0]["volumeMounts"].append({"name": "host", "mountPath": "/host"}), "host"),
-    (lambda spec: spec["containers"][0].update(env=[{"name": "A", "value": "1"}]), "env"),
+    (lambda spec: spec["containers"][0].update(env=[{"name": "A", "valueFrom": {"secretKeyRef": {"name": "s"}}}]),
+     "secretKeyRef"),
+    (lambda spec: spec["containers"][0].update(command=["sh"]), "command"),
     (lambda spec: spec["containers"][0]["volumeMounts"][0].update(readOnly=False), "writable"),
     (lambda spec: spec["securityContext"].update(runAsUser=0) or spec["containers"][0]["securityContext"]
      .update(runAsUser=0), "runAsNonRoot"),
@@ -147,3 +149,79 @@ def test_the_configmap_is_the_cluster_config_at_demo_size() -> None:
     assert dataclasses.replace(config.cluster, peer_wait_timeout_s=as_written.peer_wait_timeout_s,
                                upstream_wait_timeout_s=as_written.upstream_wait_timeout_s) == as_written
     assert config.cluster.train_job_name == mf.stage_jobs(objects)["train"]["metadata"]["name"]
+
+
+# --- pods from the API server, as the cluster test bed's kubelet stand-in runs them ----------------
+
+
+def api_pod_object(index: int = 1) -> dict:
+    """The train Job's pod as the Job controller creates it: the index as an annotation, the env var a
+    downward-API fieldRef to it, the hostname set (an Indexed Job with a subdomain)."""
+    job = mf.stage_jobs(mf.load_manifests())["train"]
+    spec = copy.deepcopy(mf.pod_spec(job))
+    spec["containers"][0]["env"] = [{"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {
+        "apiVersion": "v1", "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
+        {"name": "COMPONENT", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app.kubernetes.io/component']"}}},
+        {"name": "PLAIN", "value": "x"}]
+    spec.update(hostname=f"pneumonia-train-{index}", nodeName="gpu-0")
+    return {"metadata": {"name": f"pneumonia-train-{index}-abcde", "namespace": "pneumonia", "uid": "u-1",
+                         "labels": {"app.kubernetes.io/component": "train"},
+                         "annotations": {"batch.kubernetes.io/job-completion-index": str(index)}},
+            "spec": spec, "status": {}}
+
+
+def test_an_api_pod_gets_its_downward_api_values_hostname_and_volumes() -> None:
+    pod = pods.api_pod(api_pod_object(1), name="c", config_dirs={"config": "/host/pod/config"})
+    flags = pod.flags
+    env = [value for flag, value in zip(flags, flags[1:], strict=False) if flag == "--env"]
+    assert env == ["JOB_COMPLETION_INDEX=1", "COMPONENT=train", "PLAIN=x"]
+    assert flags[flags.index("--hostname") + 1] == "pneumonia-train-1"
+    assert "/host/pod/config:/etc/pneumonia:ro" in flags
+    assert flags[flags.index("--memory") + 1] == str(24 * 2**30)
+    assert writable_mounts(flags) == {"/tmp"}  # no bucket folder: the pods reach the bucket over the network
+    assert pod.args == ("/opt/pneumonia/jobs/train.py", "--config", "/etc/pneumonia/config.yaml")
+    assert "--entrypoint" not in flags and pod.grace_period_s == 120
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.update(command=["sh", "-c"], args=["exit 3"]), None),
+    (lambda c: c["env"].append({"name": "S", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}), "secretKeyRef"),
+    (lambda c: c["env"].append({"name": "R", "value": "$(PLAIN)/x"}), "references"),
+    (lambda c: c["env"].append({"name": "F", "valueFrom": {"fieldRef": {"fieldPath": "spec.priority"}}}), "spec.priority"),
+    (lambda c: c.update(readinessProbe={"exec": {"command": ["true"]}}), "readinessProbe"),
+])
+def test_an_api_pod_runs_its_command_and_refuses_what_it_cannot_reproduce(change, message: str | None) -> None:
+    pod = api_pod_object()
+    change(pod["spec"]["containers"][0])
+    if message is None:
+        flags = pods.api_pod(pod, name="c", config_dirs={"config": "/c"})
+        assert flags.flags[flags.flags.index("--entrypoint") + 1] == '["sh", "-c"]' and flags.args == ("exit 3",)
+        return
+    with pytest.raises(pods.PodSettingError, match=message):
+        pods.api_pod(pod, name="c", config_dirs={"config": "/c"})
+
+
+def test_the_kubelet_stand_in_gives_a_jobs_hostnames_fixed_addresses() -> None:
+    """Replacements of a worker get its address again, and every worker knows all its Job's names: the
+    image's /etc/hosts is written once, at container start (no DNS plugin on this machine's podman)."""
+    sys.path.insert(0, str(Path(__file__).parent / "cluster"))
+    import json
+
+    import kubelet
+
+    class Jobs:
+        def read_namespaced_job(self, name, namespace, _preload_content):  # noqa: ANN001, ANN202
+            return type("Response", (), {"data": json.dumps({"spec": {"completions": 2}})})
+
+    stand_in = object.__new__(kubelet.Kubelet)
+    stand_in.batch, stand_in.fixed, stand_in.hosts = Jobs(), {}, ["10.0.0.10", "10.0.0.11", "10.0.0.12"]
+    pod = api_pod_object(1)
+    pod["metadata"]["labels"]["batch.kubernetes.io/job-name"] = "pneumonia-train"
+    flags = stand_in.pod_addresses(pod)
+    again = stand_in.pod_addresses(pod)  # the index's next pod
+    assert flags == again and flags[:2] == ("--ip", "10.0.0.11")
+    hosts = [value for flag, value in zip(flags, flags[1:], strict=False) if flag == "--add-host"]
+    assert "pneumonia-train-0.pneumonia-train-workers:10.0.0.10" in hosts
+    assert "pneumonia-train-1.pneumonia-train-workers.pneumonia.svc.cluster.local:10.0.0.11" in hosts
+    assert kubelet.podman_time("2026-12-06T10:51:02.123456789Z") == "2026-12-06T10:51:02Z"
+    assert kubelet.podman_time("2026-12-06T11:51:02.5+01:00") == "2026-12-06T10:51:02Z"

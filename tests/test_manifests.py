@@ -174,6 +174,19 @@ def test_job_specs_are_consistent(objects: list[dict]) -> None:
             assert spec["podReplacementPolicy"] == "Failed", stage  # the only value allowed with podFailurePolicy
 
 
+def test_the_train_pods_read_their_indexs_counts_from_the_job_controller(objects: list[dict]) -> None:
+    """pneumonia.cluster.IndexAttempt's inputs: the Job controller's per-index annotations through the
+    downward API, and the retry limit, which must be the Job's own."""
+    job = mf.stage_jobs(objects)["train"]
+    env = {entry["name"]: entry for entry in mf.pod_spec(job)["containers"][0]["env"]}
+    paths = {name: entry.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for name, entry in env.items()}
+    assert paths["JOB_INDEX_FAILURE_COUNT"] == "metadata.annotations['batch.kubernetes.io/job-index-failure-count']"
+    assert paths["JOB_INDEX_IGNORED_FAILURE_COUNT"] == (
+        "metadata.annotations['batch.kubernetes.io/job-index-ignored-failure-count']")
+    assert paths["JOB_UID"] == "metadata.labels['batch.kubernetes.io/controller-uid']"
+    assert env["JOB_BACKOFF_LIMIT_PER_INDEX"]["value"] == str(job["spec"]["backoffLimitPerIndex"])
+
+
 def test_pod_failure_policy_ignores_disruptions_and_143_fails_on_2(objects: list[dict]) -> None:
     for stage, job in jobs_of(objects).items():
         rules = job["spec"]["podFailurePolicy"]["rules"]

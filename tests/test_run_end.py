@@ -108,3 +108,76 @@ def test_without_a_wait_an_end_marker_is_reported_and_none_means_missing(tmp_pat
     run_ended.record_end(layout, "r", run_ended.FAILED, "the split manifest is missing")
     with pytest.raises(BadInputError, match="run r failed without finishing: the split manifest is missing"):
         run_ended.wait_for_finished_run(layout, config)
+
+
+# --- the Job controller's counts (downward API) decide what a failure on an index's last attempt leaves ---
+
+
+def attempt_env(monkeypatch: pytest.MonkeyPatch, *, failed: str, forgiven: str = "", limit: str = "3",
+                index: str = "1", job_uid: str = "uid-1") -> None:
+    """The env the train Job's pods get: the index and the Job controller's annotations (empty when absent)."""
+    for name, value in {"JOB_COMPLETION_INDEX": index, "JOB_INDEX_FAILURE_COUNT": failed,
+                        "JOB_INDEX_IGNORED_FAILURE_COUNT": forgiven, "JOB_BACKOFF_LIMIT_PER_INDEX": limit,
+                        "JOB_UID": job_uid}.items():
+        monkeypatch.setenv(name, value)
+
+
+def train_failing_with(monkeypatch: pytest.MonkeyPatch, root: Path, error: Exception, *sets: str) -> int:
+    def fail(config):  # noqa: ANN001, ANN202
+        raise error
+
+    monkeypatch.setattr(run_end.fit, "run", fail)
+    return run_stage("train", run_end.train, ["--set", f"data.root={root}", "--set", "train.run_id=r", *sets])
+
+
+@pytest.mark.parametrize(("failed", "expect_marker"), [("3", True), ("2", False), ("", False)])
+def test_a_counted_failure_on_the_last_attempt_leaves_the_reason(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                 failed: str, expect_marker: bool) -> None:
+    attempt_env(monkeypatch, failed=failed)
+    status = train_failing_with(monkeypatch, tmp_path, RuntimeError("disk on fire"))
+    assert status == 1
+    marker = ended(str(tmp_path), "r")
+    if not expect_marker:
+        assert marker is None
+        return
+    assert marker["status"] == "failed" and marker["job_uid"] == "uid-1"
+    assert "last of its index's 4 attempts" in marker["reason"] and "disk on fire" in marker["reason"]
+
+
+@pytest.mark.parametrize(("forgiven", "failed", "status", "expect_marker"), [
+    ("1", "0", 75, False),  # forgiven: the Job ignores 75
+    ("2", "0", 1, False),  # forgiven twice already: this loss counts
+    ("5", "3", 1, True),  # ... and on the index's last attempt the run is marked failed
+])
+def test_a_peer_loss_is_forgiven_only_so_often(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, forgiven: str,
+                                               failed: str, status: int, expect_marker: bool) -> None:
+    from pneumonia.errors import PeerLostError
+
+    attempt_env(monkeypatch, failed=failed, forgiven=forgiven)
+    assert train_failing_with(monkeypatch, tmp_path, PeerLostError("peer gone"),
+                              "--set", "cluster.max_forgiven_restarts=2") == status
+    marker = ended(str(tmp_path), "r")
+    assert (marker is not None) == expect_marker
+    if marker:
+        assert "max_forgiven_restarts=2" in marker["reason"]
+
+
+def test_outside_a_job_with_per_index_retries_a_peer_loss_stays_forgiven(monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:
+    from pneumonia.errors import PeerLostError
+
+    attempt_env(monkeypatch, failed="", forgiven="50", limit="")
+    assert train_failing_with(monkeypatch, tmp_path, PeerLostError("peer gone")) == 75
+
+
+def test_a_new_chief_keeps_the_failure_its_own_job_recorded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    layout = Layout.of(load_config(None, [f"data.root={tmp_path}", "train.run_id=r"]))
+    run_ended.record_end(layout, "r", run_ended.FAILED, "index 1 out of retries", job_uid="uid-1")
+    from pneumonia.cluster import IndexAttempt
+
+    run_end.clear_end_for_resume(layout, "r", IndexAttempt(retry_limit=3, job_uid="uid-1"))
+    assert ended(str(tmp_path), "r")["reason"] == "index 1 out of retries"
+    run_end.clear_end_for_resume(layout, "r", IndexAttempt(retry_limit=3, job_uid="uid-2"))  # a new Job: a resume
+    assert ended(str(tmp_path), "r") is None
+    with pytest.raises(BadInputError, match="JOB_INDEX_FAILURE_COUNT"):
+        IndexAttempt.from_env({"JOB_INDEX_FAILURE_COUNT": "x"})

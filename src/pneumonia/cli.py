@@ -23,6 +23,7 @@ from pneumonia.errors import (
     BadInputError,
     ConfigError,
     PeerLostError,
+    Terminated,
 )
 from pneumonia.logs import configure_logging, get_logger
 
@@ -38,10 +39,6 @@ def parse_args(stage: str, argv: Sequence[str] | None = None) -> argparse.Namesp
 def new_run_id() -> str:
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
     return f"{stamp}-{secrets.token_hex(2)}"
-
-
-class Terminated(Exception):
-    """SIGTERM arrived (preemption, node drain, pod deletion) outside a handler of the stage's own."""
 
 
 def _raise_terminated(signum: int, frame: object) -> None:

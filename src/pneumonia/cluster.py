@@ -34,6 +34,56 @@ def completion_index() -> int | None:
     return int(value)
 
 
+# The Job controller's own counts for this pod's index, handed over by the downward API
+# (manifests/31-train-job.yaml, env): earlier attempts that failed and counted, and those the
+# podFailurePolicy ignored (peer lost, preempted, disrupted). The annotations are absent on an index's
+# first pod: empty means 0. The Job's backoffLimitPerIndex comes as a plain value beside them.
+_FAILED_BEFORE = "JOB_INDEX_FAILURE_COUNT"
+_FORGIVEN_BEFORE = "JOB_INDEX_IGNORED_FAILURE_COUNT"
+_RETRY_LIMIT = "JOB_BACKOFF_LIMIT_PER_INDEX"
+_JOB_UID = "JOB_UID"
+
+
+@dataclass(frozen=True)
+class IndexAttempt:
+    """This pod among its index's attempts, as the Job controller counted them. The one place that
+    decides when a lost peer stops being forgiven and when an attempt is the index's last."""
+
+    failed_before: int = 0
+    forgiven_before: int = 0
+    retry_limit: int | None = None  # None: not in a Job with backoffLimitPerIndex
+    job_uid: str = ""
+
+    @classmethod
+    def from_env(cls, environ: Any = None) -> IndexAttempt:
+        environ = os.environ if environ is None else environ
+
+        def count(name: str) -> int | None:
+            value = environ.get(name, "")
+            if value == "":
+                return None
+            if not value.isdigit():
+                raise BadInputError(f"{name} = {value!r} is not a count; the train Job sets it from the Job "
+                                    "controller's annotations (downward API): do not set it by hand")
+            return int(value)
+
+        return cls(failed_before=count(_FAILED_BEFORE) or 0, forgiven_before=count(_FORGIVEN_BEFORE) or 0,
+                   retry_limit=count(_RETRY_LIMIT), job_uid=environ.get(_JOB_UID, ""))
+
+    @property
+    def is_last(self) -> bool:
+        """A counted failure of this attempt fails the index for good (and, maxFailedIndexes 0, the Job)."""
+        return self.retry_limit is not None and self.failed_before >= self.retry_limit
+
+    def forgives_peer_loss(self, max_forgiven: int) -> bool:
+        """A worker whose peers are gone exits with the code the Job ignores (75) until its index has been
+        forgiven `max_forgiven` times; from then on it exits 1, which counts, so a partition that never
+        heals spends the index's retries and fails the Job (FailedIndexes) in bounded time instead of
+        looping until activeDeadlineSeconds. The ignored count also holds preemptions: a run preempted
+        that often gets counted peer losses, at most backoffLimitPerIndex of them before it fails."""
+        return self.retry_limit is None or self.forgiven_before < max_forgiven
+
+
 def tf_config() -> dict | None:
     """The parsed TF_CONFIG, or None when this process is not part of a multi-worker cluster."""
     raw = os.environ.get(_TF_CONFIG)

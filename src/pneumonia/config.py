@@ -234,6 +234,9 @@ class ClusterConfig:
     train_service_name: str = setting("pneumonia-train-workers", resume=FREE)
     worker_port: int = setting(2222, resume=FREE)
     peer_wait_timeout_s: int = setting(600, resume=FREE)
+    # Restarts of one train index the Job forgives (peer lost, preempted) before a lost peer counts
+    # (pneumonia.cluster.IndexAttempt.forgives_peer_loss): bounds a partition that never heals.
+    max_forgiven_restarts: int = setting(20, resume=FREE)
     # How long a stage waits for its upstream _SUCCESS.json (0: fail at once if it is missing).
     upstream_wait_timeout_s: int = setting(0, resume=FREE)
     # Kueue's LocalQueue in cluster.namespace ("": no Kueue). Set, every Job carries the
@@ -247,6 +250,7 @@ class ClusterConfig:
         _require(self.gpus_per_worker >= 0, "cluster.gpus_per_worker", self.gpus_per_worker, ">= 0")
         _require(1 <= self.worker_port <= 65535, "cluster.worker_port", self.worker_port, "a TCP port")
         _require(self.peer_wait_timeout_s >= 0, "cluster.peer_wait_timeout_s", self.peer_wait_timeout_s, ">= 0")
+        _require(self.max_forgiven_restarts >= 0, "cluster.max_forgiven_restarts", self.max_forgiven_restarts, ">= 0")
         _require(self.upstream_wait_timeout_s >= 0, "cluster.upstream_wait_timeout_s",
                  self.upstream_wait_timeout_s, ">= 0")
         # A label value that names an object: a DNS subdomain of at most 63 characters.

@@ -43,3 +43,14 @@ class PeerLostError(Exception):
     """Another worker of the cluster died or stopped answering; this worker is fine and can rejoin."""
 
     exit_code = EXIT_PEER_LOST
+
+
+class PeersUnreachableError(Exception):
+    """Peers lost again after the index's forgiven restarts ran out (cluster.max_forgiven_restarts): counted
+    (exit 1), so a partition that never heals fails the train Job instead of looping until its deadline."""
+
+    exit_code = EXIT_FAILURE
+
+
+class Terminated(Exception):
+    """SIGTERM arrived (preemption, node drain, pod deletion) outside a handler of the stage's own."""

@@ -5,7 +5,9 @@ until its deadline (30 hours).
     {"status": "stopped" | "failed", "reason": "...", "ended_at": <unix time>}
 
 "stopped": train.max_epochs_this_process was reached (exit 0, the Job completes); "failed": bad
-input or config (exit 2, the podFailurePolicy fails the Job). Resuming the run removes it.
+input or config (exit 2, the podFailurePolicy fails the Job), or a counted failure on an index's last
+attempt (backoffLimitPerIndex spent: the Job fails with FailedIndexes; "job_uid" names that Job).
+Resuming the run removes it.
 """
 
 from __future__ import annotations
@@ -30,10 +32,14 @@ STOPPED, FAILED = "stopped", "failed"
 STALE_END_GRACE_S = 900.0
 
 
-def record_end(layout: Layout, run_id: str, status: str, reason: str) -> None:
+def record_end(layout: Layout, run_id: str, status: str, reason: str, job_uid: str = "") -> None:
+    """`job_uid`: the train Job whose pod recorded a failure for good (a late chief of that Job keeps it)."""
     path = layout.run_ended(run_id)
-    storage.write_json(path, {"status": status, "reason": reason, "ended_at": time.time()})
-    log.info("run ended without finishing", status=status, marker=path)
+    record = {"status": status, "reason": reason, "ended_at": time.time()}
+    if job_uid:
+        record["job_uid"] = job_uid
+    storage.write_json(path, record)
+    log.info("run ended without finishing", status=status, marker=path, reason=reason)
 
 
 def read_end(layout: Layout, run_id: str) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ tests/test_image_pods.py checks it on any machine.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,9 +84,10 @@ def security_flags(pod_spec: dict[str, Any], container: dict[str, Any]) -> list[
     return flags
 
 
-def volume_flags(pod_spec: dict[str, Any], container: dict[str, Any], config_dir: str) -> list[str]:
+def volume_flags(pod_spec: dict[str, Any], container: dict[str, Any], config_dir: str | dict[str, str]) -> list[str]:
     """The container's mounts: emptyDirs as fresh tmpfs (mode 1777, as an emptyDir is world-writable),
-    the ConfigMap as `config_dir` mounted read-only, /dev/shm sized by its memory emptyDir."""
+    a ConfigMap as a host folder mounted read-only (`config_dir`, or `config_dir[volume name]`),
+    /dev/shm sized by its memory emptyDir."""
     volumes = {volume["name"]: volume for volume in pod_spec.get("volumes", [])}
     flags: list[str] = []
     for mount in container.get("volumeMounts", []):
@@ -96,7 +98,8 @@ def volume_flags(pod_spec: dict[str, Any], container: dict[str, Any], config_dir
         if "configMap" in volume:
             if not mount.get("readOnly"):
                 raise PodSettingError(f"ConfigMap volume {mount['name']} mounted writable; the image test mounts it read-only")
-            flags += ["--volume", f"{config_dir}:{path}:ro"]
+            folder = config_dir if isinstance(config_dir, str) else config_dir[mount["name"]]
+            flags += ["--volume", f"{folder}:{path}:ro"]
         elif "emptyDir" in volume:
             empty_dir = volume["emptyDir"] or {}
             size = quantity_bytes(empty_dir.get("sizeLimit", "1Gi"))
@@ -126,18 +129,25 @@ def stage_pod(job: dict[str, Any], *, config_dir: str, data_root: tuple[str, str
     """
     spec = mf.pod_spec(job)
     (container,) = spec["containers"]
-    if container.get("env") or container.get("envFrom") or container.get("command"):
-        raise PodSettingError(f"{job['metadata']['name']}: env/envFrom/command are not reproduced by the image test")
+    if container.get("command"):
+        raise PodSettingError(f"{job['metadata']['name']}: command is not reproduced by the image test")
     job_name = job["metadata"]["name"]
     indexed = job["spec"].get("completionMode") == "Indexed"
     if indexed != (index is not None):
         raise PodSettingError(f"{job_name}: an index is needed exactly for an Indexed Job's pods")
+    # The pod as the Job controller would make it, for the downward-API env (a first attempt: no counts).
+    annotations = {"batch.kubernetes.io/job-completion-index": str(index)} if indexed else {}
+    pod = {"metadata": {"name": name or job_name, "namespace": job["metadata"].get("namespace", ""),
+                        "labels": {**job["spec"]["template"]["metadata"].get("labels", {}),
+                                   "batch.kubernetes.io/controller-uid": "image-test"},
+                        "annotations": annotations}, "spec": spec}
     # An Indexed Job's pod is called <job>-<index> and has that hostname; Kubernetes sets the index.
     hostname = f"{job_name}-{index}" if indexed else job_name
     flags = [*security_flags(spec, container)]
     kept = {**container, "volumeMounts": [m for m in container.get("volumeMounts", []) if m["mountPath"] not in drop_mounts]}
     flags += volume_flags(spec, kept, config_dir)
     flags += ["--volume", f"{data_root[0]}:{data_root[1]}:rw", "--hostname", hostname, *network]
+    flags += env_flags(pod, container)
     if indexed:
         flags += ["--env", f"JOB_COMPLETION_INDEX={index}"]
     grace = int(spec.get("terminationGracePeriodSeconds", 30))
@@ -159,8 +169,81 @@ def worker_hosts(job: dict[str, Any], addresses: list[str]) -> list[str]:
     return [flag for i, address in enumerate(addresses) for flag in ("--add-host", f"{name}-{i}.{subdomain}:{address}")]
 
 
-def image_test_config(cluster_yaml: str, demo_yaml: str, *, data_root: str, run_id: str,
-                      **train: Any) -> PipelineConfig:
+# --- a pod from the API server, as the cluster test bed's kubelet stand-in runs it -----------------
+
+_FIELD_PATHS = {"metadata.name": ("metadata", "name"), "metadata.namespace": ("metadata", "namespace"),
+                "metadata.uid": ("metadata", "uid"), "spec.nodeName": ("spec", "nodeName"),
+                "spec.serviceAccountName": ("spec", "serviceAccountName"), "status.hostIP": ("status", "hostIP"),
+                "status.podIP": ("status", "podIP")}
+
+
+def field_value(pod: dict[str, Any], field_path: str, pod_ip: str = "") -> str:
+    """A downward-API fieldRef as the kubelet resolves it: metadata.labels['k'],
+    metadata.annotations['k'] (how the Job controller hands a pod JOB_COMPLETION_INDEX) or a plain field."""
+    for kind in ("labels", "annotations"):
+        prefix = f"metadata.{kind}['"
+        if field_path.startswith(prefix) and field_path.endswith("']"):
+            return pod["metadata"].get(kind, {}).get(field_path[len(prefix):-2], "")
+    if field_path == "status.podIP" and pod_ip:
+        return pod_ip
+    if field_path not in _FIELD_PATHS:
+        raise PodSettingError(f"fieldRef {field_path!r} is not resolved by the test bed's kubelet")
+    section, key = _FIELD_PATHS[field_path]
+    return str(pod.get(section, {}).get(key, ""))
+
+
+def env_flags(pod: dict[str, Any], container: dict[str, Any], pod_ip: str = "") -> list[str]:
+    """`--env` for each of the container's env entries: plain values and downward-API fieldRefs.
+    `$(VAR)` references and secret/configMap keys are not resolved: an error, never dropped."""
+    flags: list[str] = []
+    if container.get("envFrom"):
+        raise PodSettingError(f"container {container['name']}: envFrom is not reproduced")
+    for entry in container.get("env", []):
+        if "valueFrom" in entry:
+            source = entry["valueFrom"]
+            if set(source) != {"fieldRef"}:
+                raise PodSettingError(f"env {entry['name']}: only fieldRef sources are reproduced, not {sorted(source)}")
+            value = field_value(pod, source["fieldRef"]["fieldPath"], pod_ip)
+        else:
+            value = entry.get("value", "")
+            if "$(" in value:
+                raise PodSettingError(f"env {entry['name']}: $(VAR) references are not expanded")
+        flags += ["--env", f"{entry['name']}={value}"]
+    return flags
+
+
+def api_pod(pod: dict[str, Any], *, name: str, config_dirs: dict[str, str],
+            network: tuple[str, ...] = ("--network", "none"), extra: tuple[str, ...] = ()) -> Pod:
+    """A pod object as the API server holds it (one container) as podman flags: its command and args,
+    env and downward-API values, hostname, volumes (ConfigMaps from `config_dirs`, by volume name),
+    securityContext and memory limit. `extra` is what the node adds (labels, log file, the bucket's
+    credentials)."""
+    spec = pod["spec"]
+    if spec.get("initContainers") or len(spec["containers"]) != 1:
+        raise PodSettingError(f"pod {pod['metadata']['name']}: only single-container pods are run")
+    (container,) = spec["containers"]
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        if probe in container:
+            raise PodSettingError(f"container {container['name']}: {probe} is not run by the test bed's kubelet")
+    flags = [*security_flags(spec, container), *volume_flags(spec, container, config_dirs)]
+    flags += ["--hostname", spec.get("hostname") or pod["metadata"]["name"], *network]
+    flags += env_flags(pod, container)
+    memory = container.get("resources", {}).get("limits", {}).get("memory")
+    if memory:
+        flags += ["--memory", str(quantity_bytes(memory))]
+    if container.get("workingDir"):
+        flags += ["--workdir", container["workingDir"]]
+    args = list(container.get("args", []))
+    if container.get("command"):
+        # The pod's command replaces the image's ENTRYPOINT, as on Kubernetes.
+        flags += ["--entrypoint", json.dumps(container["command"])]
+    grace = int(spec.get("terminationGracePeriodSeconds", 30))
+    flags += ["--stop-timeout", str(grace), *extra]
+    return Pod(name=name, flags=tuple(flags), args=tuple(args), grace_period_s=grace)
+
+
+def image_test_config(cluster_yaml: str, demo_yaml: str, *, data_root: str, run_id: str, archive: str | None = None,
+                      shard_workers: int = 2, upstream_wait_timeout_s: int = 60, **train: Any) -> PipelineConfig:
     """jobs/configs/cluster.yaml at the demo's size: its cluster section (names, port, worker count) as
     the manifests expect it, demo.yaml's small model and images, two shard pods, data under
     `data_root` (a folder standing in for the bucket) and short waits (the stages run one after another)."""
@@ -168,8 +251,8 @@ def image_test_config(cluster_yaml: str, demo_yaml: str, *, data_root: str, run_
     for section, values in parse_config_yaml(demo_yaml, "jobs/configs/demo.yaml").items():
         if section != "data":
             tree.setdefault(section, {}).update(values)
-    tree["data"] = {"root": data_root, "archive": f"{data_root}/raw/demo-chest-xray.zip"}
-    tree.setdefault("shard", {})["num_workers"] = 2
+    tree["data"] = {"root": data_root, "archive": archive or f"{data_root}/raw/demo-chest-xray.zip"}
+    tree.setdefault("shard", {})["num_workers"] = shard_workers
     tree.setdefault("train", {}).update(run_id=run_id, **train)
-    tree["cluster"].update(peer_wait_timeout_s=120, upstream_wait_timeout_s=60)
+    tree["cluster"].update(peer_wait_timeout_s=120, upstream_wait_timeout_s=upstream_wait_timeout_s)
     return from_dict(tree).validate()

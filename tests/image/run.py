@@ -385,6 +385,8 @@ def run_stages(summary: Summary) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fresh", action="store_true", help="rebuild the stand-in base and the image from scratch")
+    parser.add_argument("--build-only", action="store_true",
+                        help=f"only build {IMAGE} (what the cluster test bed runs), without the checks and stages")
     args = parser.parse_args(argv)
     LOGS.mkdir(parents=True, exist_ok=True)
     summary = Summary()
@@ -403,8 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         revision = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
                                   timeout=60, check=False).stdout.strip() or "unknown"
         timed(summary, "build", lambda: build_image(IMAGE, revision, LOGS / "build.log"), LOGS / "build.log")
-        check_image_cache_and_labels(summary, revision)
-        run_stages(summary)
+        if not args.build_only:
+            check_image_cache_and_labels(summary, revision)
+            run_stages(summary)
         outcome = "passed"
     except (ImageTestError, subprocess.SubprocessError, OSError) as error:
         print(f"image-test: {error}", file=sys.stderr, flush=True)

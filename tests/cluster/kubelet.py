@@ -1,0 +1,518 @@
+"""The cluster test bed's kubelet stand-in: the pods the real scheduler binds to KWOK nodes run as podman
+containers from their own image, and their status is what those containers did.
+
+KWOK gives the cluster nodes (heartbeats, capacity) but, with its pod stages off, nothing runs a pod.
+This process plays the kubelet's part for every node, and only that part:
+
+* a pod bound to a node gets a container: its image (never pulled: `--pull never`; a missing image is
+  the waiting reason ErrImageNeverPull, as on a node with imagePullPolicy Never), command, args, env with
+  downward-API values (JOB_COMPLETION_INDEX is the Job controller's annotation fieldRef), ConfigMap and
+  emptyDir volumes, securityContext and memory limit (tests/image/pods.py translates the pod spec);
+* `<hostname>.<subdomain>` resolves between pods: this machine's podman has CNI without its DNS plugin,
+  so a pod with a subdomain gets a fixed address on the test bed's network and `--add-host` entries
+  for its Job's hostnames (known ahead: an Indexed Job's pods are `<job>-<index>`);
+* status reports the container: Running with Ready conditions and containerStatuses.startedAt once it
+  runs, then phase Succeeded/Failed with the exit code, reason (Completed, Error, OOMKilled) and times
+  when it exits. Nothing is reported that a container did not do;
+* deleting or evicting a pod stops its container with SIGTERM, then SIGKILL after the pod's grace
+  period (`podman stop -t`); once it has stopped, its final status is written and the pod is deleted
+  with grace 0, as a kubelet finalizes a deletion;
+* a pod whose node was deleted (node loss) is left to the controllers (the pod GC marks and deletes
+  it); its container is killed, as a lost machine's processes are gone;
+* `kubectl logs`: the container logs in CRI format (podman's k8s-file driver) to a file, and a KWOK
+  `Logs` object of the pod's name points KWOK's kubelet endpoint at it (needs `--enable-crds=Logs`).
+
+Not played: probes (a pod with one is refused), restartPolicy Always/OnFailure restarts, CPU limits
+(2 cores here), image pulls, init and sidecar containers, secrets and service account tokens.
+
+Run beside the cluster: `python tests/cluster/kubelet.py --kubeconfig FILE --network NAME --workdir DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import json
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(REPO / "tests" / "image"), str(REPO / "src")]
+import pods  # noqa: E402
+
+LABEL_OWNER = "pneumonia.testbed.kubelet"  # value: this kubelet's network name; marks its containers
+LABEL_UID = "io.kubernetes.pod.uid"
+POLL_S = 1.0
+PODMAN_TIMEOUT_S = 120
+# Fixed addresses (pods with a subdomain) come from the top of the network's range; podman hands out
+# the others from the bottom up, so the two meet only after ~190 pods on one network.
+FIXED_HOSTS = 64
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+LOGS_API = ("kwok.x-k8s.io", "v1alpha1", "logs")
+
+log = logging.getLogger("kubelet")
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def podman(*args: str, check: bool = True, timeout: float = PODMAN_TIMEOUT_S) -> str:
+    result = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout, check=False)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"podman {' '.join(args[:3])}... exited {result.returncode}: {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+def podman_time(value: str) -> str:
+    """podman inspect's '2026-12-06T10:51:02.123456789Z' (or with an offset) as RFC 3339 seconds, UTC."""
+    head = value.split(".")[0]
+    if "." in value:
+        rest = value.split(".", 1)[1]
+        offset = rest.lstrip("0123456789")
+        head += offset
+    parsed = datetime.datetime.fromisoformat(head.replace("Z", "+00:00"))
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.UTC)
+    return parsed.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def container_name(network: str, namespace: str, pod: str, uid: str) -> str:
+    """The podman name of a pod's container: this kubelet's network first (podman storage is shared)."""
+    return f"{network}-{namespace}-{pod}"[:120] + f"-{uid[:8]}"
+
+
+# --- the network the pods share ---------------------------------------------------------------------
+
+
+def ensure_network(network: str, image: str) -> str:
+    """The test bed's podman network (a bridge: the pods reach each other and the host's gateway address,
+    nothing beyond, as this machine does not forward), with an idle infra container holding it up so the
+    gateway address exists before any pod (servers bind to it). Returns the gateway address."""
+    if subprocess.run(["podman", "network", "exists", network], timeout=60, check=False).returncode != 0:
+        podman("network", "create", network)
+    infra = f"{network}-infra"
+    if subprocess.run(["podman", "container", "exists", infra], timeout=60, check=False).returncode != 0:
+        podman("run", "-d", "--name", infra, "--network", network, "--ip", str(network_hosts(network)[1]),
+               "--entrypoint", "sleep", "--label", f"{LABEL_OWNER}={network}", image, "infinity")
+    return str(network_hosts(network)[0])
+
+
+def remove_network(network: str) -> None:
+    podman("rm", "--force", "--time", "0", f"{network}-infra", check=False)
+    podman("network", "rm", "--force", network, check=False)
+
+
+def network_hosts(network: str) -> list[ipaddress.IPv4Address]:
+    subnet = podman("network", "inspect", network, "--format", "{{range .Subnets}}{{.Subnet}}{{end}}")
+    return list(ipaddress.ip_network(subnet).hosts())
+
+
+# --- one pod's container ----------------------------------------------------------------------------
+
+
+@dataclass
+class Tracked:
+    """What this kubelet knows of one pod it started (by pod uid)."""
+
+    namespace: str
+    name: str
+    container: str
+    container_name: str
+    log_file: Path
+    address: str = ""  # the pod's IP on the network, read when the container started (gone once it exits)
+    stopping: subprocess.Popen | None = None
+    reported: str = ""  # "", "running", "terminated"
+    finalized: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Kubelet:
+    def __init__(self, core, batch, custom, network: str, workdir: Path, node_env: list[str], node_mounts: list[str],  # noqa: ANN001
+                 namespace_prefix: str = "") -> None:
+        self.core, self.batch, self.custom = core, batch, custom
+        self.namespace_prefix = namespace_prefix
+        self.network, self.workdir = network, workdir
+        self.node_env, self.node_mounts = node_env, node_mounts
+        self.tracked: dict[str, Tracked] = {}
+        self.fixed: dict[tuple[str, str, str], str] = {}  # (namespace, subdomain, hostname) -> address
+        self.hosts = [str(host) for host in network_hosts(network)[-FIXED_HOSTS:]]
+        self.logs_crd = True
+        self.stop = threading.Event()
+        self.start_failed: dict[str, float] = {}  # pod uid -> when its container last failed to start
+
+    # -- the API ----------------------------------------------------------------------------------
+
+    def list_json(self, call, **kwargs) -> list[dict]:  # noqa: ANN001
+        response = call(_preload_content=False, **kwargs)
+        return json.loads(response.data)["items"]
+
+    def patch_status(self, namespace: str, name: str, status: dict) -> None:
+        """A strategic merge patch of the status: conditions merge by type (the eviction API's or the pod
+        GC's DisruptionTarget stays), containerStatuses by name; a null removes a key (the state left)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.core.patch_namespaced_pod_status(name, namespace, {"status": status}, _preload_content=False,
+                                                  _content_type="application/strategic-merge-patch+json")
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+    def delete_pod(self, namespace: str, name: str, uid: str) -> None:
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.core.delete_namespaced_pod(name, namespace, body=client.V1DeleteOptions(
+                grace_period_seconds=0, preconditions=client.V1Preconditions(uid=uid)))
+        except ApiException as error:
+            if error.status not in (404, 409):
+                raise
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.sync_once()
+            except Exception:  # noqa: BLE001 - one bad round (API restart, podman hiccup) must not end the node
+                log.exception("sync failed; retrying")
+            self.stop.wait(POLL_S)
+
+    def sync_once(self) -> None:
+        pods_bound = self.list_json(self.core.list_pod_for_all_namespaces, field_selector="spec.nodeName!=")
+        nodes = {node["metadata"]["name"] for node in self.list_json(self.core.list_node)}
+        containers = self.containers()
+        alive = set()
+        for pod in pods_bound:
+            if not pod["metadata"]["namespace"].startswith(self.namespace_prefix):
+                continue  # another stand-in's pods (several test beds may share one control plane)
+            uid = pod["metadata"]["uid"]
+            alive.add(uid)
+            if pod["spec"]["nodeName"] not in nodes:
+                # Node lost: its kubelet and processes are gone; the controllers decide about the pod.
+                if uid in containers:
+                    self.kill(uid, containers[uid])
+                continue
+            try:
+                self.sync_pod(pod, containers.get(uid))
+            except pods.PodSettingError as error:
+                self.report_waiting(pod, "CreateContainerConfigError", str(error))
+        for uid, state in containers.items():
+            if uid not in alive:  # the pod object is gone (force-deleted, or finalized by us)
+                self.kill(uid, state)
+
+    def containers(self) -> dict[str, dict]:
+        """This kubelet's containers by pod uid: podman's own view of them."""
+        listing = podman("ps", "--all", "--format", "json", "--filter", f"label={LABEL_OWNER}={self.network}")
+        found = {}
+        for entry in json.loads(listing or "[]"):
+            uid = (entry.get("Labels") or {}).get(LABEL_UID)
+            if uid:
+                found[uid] = entry
+        return found
+
+    def sync_pod(self, pod: dict, container: dict | None) -> None:
+        meta, status = pod["metadata"], pod.get("status", {})
+        uid = meta["uid"]
+        deleting = meta.get("deletionTimestamp") is not None
+        tracked = self.tracked.get(uid)
+        if container is None:
+            if tracked is not None:
+                return  # we removed it after finalizing; the pod object goes with its finalizers
+            if deleting:
+                self.delete_pod(meta["namespace"], meta["name"], uid)
+            elif status.get("phase", "Pending") == "Pending" and time.monotonic() - self.start_failed.get(uid, -1e9) > 10:
+                self.start(pod)
+            return
+        if tracked is None:  # a container from before a restart of this process
+            tracked = self.adopt(pod, container)
+        state = container.get("State", "")
+        if state in ("exited", "stopped"):
+            if tracked.reported != "terminated":
+                self.report_terminated(pod, tracked)
+            if deleting and not tracked.finalized:
+                tracked.finalized = True
+                self.delete_pod(meta["namespace"], meta["name"], uid)
+            return
+        if tracked.reported == "" and state == "running":
+            self.report_running(pod, tracked)
+        if deleting and tracked.stopping is None:
+            grace = meta.get("deletionGracePeriodSeconds", pod["spec"].get("terminationGracePeriodSeconds", 30))
+            log.info("stopping %s/%s: SIGTERM, SIGKILL after %ss", meta["namespace"], meta["name"], grace)
+            tracked.stopping = subprocess.Popen(["podman", "stop", "--time", str(grace), tracked.container_name],
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    # -- starting ---------------------------------------------------------------------------------
+
+    def start(self, pod: dict) -> None:
+        meta, spec = pod["metadata"], pod["spec"]
+        (container,) = spec["containers"]
+        image = container["image"]
+        if subprocess.run(["podman", "image", "exists", image], timeout=60, check=False).returncode != 0:
+            self.report_waiting(pod, "ErrImageNeverPull",
+                                f'Container image "{image}" is not present with pull policy of Never')
+            self.start_failed[meta["uid"]] = time.monotonic()
+            return
+        uid = meta["uid"]
+        name = container_name(self.network, meta["namespace"], meta["name"], uid)
+        pod_dir = self.workdir / "pods" / f"{meta['namespace']}_{meta['name']}_{uid}"
+        log_file = pod_dir / f"{container['name']}.log"
+        config_dirs = self.config_volumes(pod, pod_dir)
+        network = ("--network", self.network, *self.pod_addresses(pod))
+        extra = ("--label", f"{LABEL_OWNER}={self.network}", "--label", f"{LABEL_UID}={uid}",
+                 "--pull", "never", "--log-driver", "k8s-file", "--log-opt", f"path={log_file}",
+                 *[flag for env in self.node_env for flag in ("--env", env)],
+                 *[flag for mount in self.node_mounts for flag in ("--volume", mount)])
+        pod_flags = pods.api_pod(pod, name=name, config_dirs=config_dirs, network=network, extra=extra)
+        pod_dir.mkdir(parents=True, exist_ok=True)
+        self.tracked[uid] = Tracked(meta["namespace"], meta["name"], container["name"], name, log_file)
+        log.info("starting %s/%s on %s as container %s", meta["namespace"], meta["name"], spec["nodeName"], name)
+        podman("rm", "--force", "--ignore", name, check=False)
+        result = subprocess.run(["podman", "run", "-d", "--name", name, *pod_flags.flags, image, *pod_flags.args],
+                                capture_output=True, text=True, timeout=PODMAN_TIMEOUT_S, check=False)
+        if result.returncode != 0:
+            # The container could not be created or started (a bad flag, a mount): the kubelet's
+            # CreateContainerError. It may still exist as created/exited; its exit is then reported.
+            del self.tracked[uid]
+            self.start_failed[uid] = time.monotonic()  # retried, as a kubelet does, but not every second
+            podman("rm", "--force", "--ignore", name, check=False)
+            self.report_waiting(pod, "CreateContainerError", result.stderr.strip()[-500:])
+            return
+        self.tracked[uid].address = self.address_of(json.loads(podman("inspect", name))[0])
+        self.serve_logs(meta["namespace"], meta["name"], container["name"], log_file)
+
+    def config_volumes(self, pod: dict, pod_dir: Path) -> dict[str, str]:
+        """Each ConfigMap volume's keys written as files (read from the API now, as the kubelet does)."""
+        folders = {}
+        for volume in pod["spec"].get("volumes", []):
+            if "configMap" not in volume:
+                continue
+            source = volume["configMap"]
+            configmap = self.core.read_namespaced_config_map(source["name"], pod["metadata"]["namespace"])
+            folder = pod_dir / "volumes" / volume["name"]
+            folder.mkdir(parents=True, exist_ok=True)
+            data = configmap.data or {}
+            items = source.get("items") or [{"key": key, "path": key} for key in data]
+            for item in items:
+                (folder / item["path"]).write_text(data[item["key"]])
+            folder.chmod(0o755)
+            for path in folder.iterdir():
+                path.chmod(0o644)
+            folders[volume["name"]] = str(folder)
+        return folders
+
+    def pod_addresses(self, pod: dict) -> tuple[str, ...]:
+        """For a pod in a headless Service's subdomain: its fixed address and its Job's peers' names."""
+        spec, meta = pod["spec"], pod["metadata"]
+        subdomain = spec.get("subdomain")
+        if not subdomain:
+            return ()
+        namespace = meta["namespace"]
+        own = spec.get("hostname") or meta["name"]
+        hostnames = []
+        job_name = meta.get("labels", {}).get(JOB_NAME_LABEL)
+        if job_name:
+            from kubernetes.client.exceptions import ApiException
+
+            try:
+                job = self.batch.read_namespaced_job(job_name, namespace, _preload_content=False)
+                completions = json.loads(job.data)["spec"].get("completions") or 1
+                hostnames += [f"{job_name}-{i}" for i in range(completions)]
+            except ApiException:
+                pass
+        flags: list[str] = []
+        for hostname in dict.fromkeys([*hostnames, own]):  # the Job's in index order: predictable addresses
+            key = (namespace, subdomain, hostname)
+            if key not in self.fixed:
+                self.fixed[key] = self.hosts[len(self.fixed)]
+            address = self.fixed[key]
+            for alias in (f"{hostname}.{subdomain}", f"{hostname}.{subdomain}.{namespace}.svc.cluster.local"):
+                flags += ["--add-host", f"{alias}:{address}"]
+        return ("--ip", self.fixed[(namespace, subdomain, own)], *flags)
+
+    def serve_logs(self, namespace: str, name: str, container: str, log_file: Path) -> None:
+        """A KWOK Logs object for the pod: `kubectl logs` reads `log_file` through KWOK's kubelet endpoint."""
+        if not self.logs_crd:
+            return
+        from kubernetes.client.exceptions import ApiException
+
+        body = {"apiVersion": "kwok.x-k8s.io/v1alpha1", "kind": "Logs",
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": {"logs": [{"containers": [container], "logsFile": str(log_file), "follow": True}]}}
+        group, version, plural = LOGS_API
+        try:
+            self.custom.create_namespaced_custom_object(group, version, namespace, plural, body)
+        except ApiException as error:
+            if error.status == 404:
+                log.warning("no KWOK Logs API (kwokctl --enable-crds=Logs): `kubectl logs` will not work")
+                self.logs_crd = False
+            elif error.status != 409:
+                raise
+
+    def adopt(self, pod: dict, container: dict) -> Tracked:
+        meta = pod["metadata"]
+        name = container["Names"][0]
+        info = json.loads(podman("inspect", name))[0]
+        log_file = Path(info.get("HostConfig", {}).get("LogConfig", {}).get("Path", ""))
+        tracked = Tracked(meta["namespace"], meta["name"], pod["spec"]["containers"][0]["name"], name, log_file)
+        statuses = pod.get("status", {}).get("containerStatuses") or []
+        if statuses and "terminated" in statuses[0].get("state", {}):
+            tracked.reported = "terminated"
+        elif statuses and "running" in statuses[0].get("state", {}):
+            tracked.reported = "running"
+        self.tracked[meta["uid"]] = tracked
+        return tracked
+
+    # -- reporting --------------------------------------------------------------------------------
+
+    def inspect(self, tracked: Tracked) -> dict:
+        return json.loads(podman("inspect", tracked.container_name))[0]
+
+    @staticmethod
+    def address_of(info: dict) -> str:
+        address = ""
+        for settings in (info.get("NetworkSettings", {}).get("Networks") or {}).values():
+            address = settings.get("IPAddress") or address
+        return address
+
+    def base_status(self, pod: dict, info: dict, tracked: Tracked) -> dict:
+        address = self.address_of(info) or tracked.address
+        status: dict[str, Any] = {"hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}]}
+        if address:
+            status.update(podIP=address, podIPs=[{"ip": address}])
+        if not pod.get("status", {}).get("startTime"):
+            status["startTime"] = podman_time(info["Created"])
+        return status
+
+    def report_running(self, pod: dict, tracked: Tracked) -> None:
+        info = self.inspect(tracked)
+        started = podman_time(info["State"]["StartedAt"])
+        container = pod["spec"]["containers"][0]
+        status = self.base_status(pod, info, tracked)
+        status["phase"] = "Running"
+        status["conditions"] = [self.condition(kind, "True", started) for kind in
+                                ("PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready")]
+        status["containerStatuses"] = [{
+            "name": container["name"], "image": container["image"], "imageID": info.get("Image", ""),
+            "containerID": f"podman://{info['Id']}", "ready": True, "started": True, "restartCount": 0,
+            "state": {"waiting": None, "terminated": None, "running": {"startedAt": started}}}]
+        self.patch_status(tracked.namespace, tracked.name, status)
+        tracked.reported = "running"
+
+    def report_terminated(self, pod: dict, tracked: Tracked) -> None:
+        info = self.inspect(tracked)
+        state = info["State"]
+        code = int(state["ExitCode"])
+        reason = "OOMKilled" if state.get("OOMKilled") else ("Completed" if code == 0 else "Error")
+        finished = podman_time(state["FinishedAt"])
+        started = podman_time(state["StartedAt"]) if not state["StartedAt"].startswith("0001") else finished
+        container = pod["spec"]["containers"][0]
+        phase = "Succeeded" if code == 0 else "Failed"
+        status = self.base_status(pod, info, tracked)
+        status["phase"] = phase
+        pod_reason = "PodCompleted" if code == 0 else "PodFailed"
+        status["conditions"] = [self.condition("PodReadyToStartContainers", "False", finished),
+                                self.condition("Initialized", "True", started),
+                                self.condition("ContainersReady", "False", finished, pod_reason),
+                                self.condition("Ready", "False", finished, pod_reason)]
+        status["containerStatuses"] = [{
+            "name": container["name"], "image": container["image"], "imageID": info.get("Image", ""),
+            "containerID": f"podman://{info['Id']}", "ready": False, "started": False, "restartCount": 0,
+            "state": {"waiting": None, "running": None, "terminated": {
+                "exitCode": code, "reason": reason, "startedAt": started, "finishedAt": finished,
+                "containerID": f"podman://{info['Id']}"}}}]
+        log.info("%s/%s: container exited %s (%s): phase %s", tracked.namespace, tracked.name, code, reason, phase)
+        self.patch_status(tracked.namespace, tracked.name, status)
+        tracked.reported = "terminated"
+
+    def report_waiting(self, pod: dict, reason: str, message: str) -> None:
+        statuses = pod.get("status", {}).get("containerStatuses") or []
+        if statuses and statuses[0].get("state", {}).get("waiting", {}).get("reason") == reason:
+            return
+        container = pod["spec"]["containers"][0]
+        log.warning("%s/%s: %s: %s", pod["metadata"]["namespace"], pod["metadata"]["name"], reason, message)
+        self.patch_status(pod["metadata"]["namespace"], pod["metadata"]["name"], {
+            "conditions": [self.condition("ContainersReady", "False", now_rfc3339(), "ContainersNotReady"),
+                           self.condition("Ready", "False", now_rfc3339(), "ContainersNotReady")],
+            "containerStatuses": [{"name": container["name"], "image": container["image"], "imageID": "",
+                                   "ready": False, "started": False, "restartCount": 0,
+                                   "state": {"waiting": {"reason": reason, "message": message}}}]})
+
+    @staticmethod
+    def condition(kind: str, value: str, when: str, reason: str | None = None) -> dict:
+        condition = {"type": kind, "status": value, "lastTransitionTime": when, "lastProbeTime": None}
+        if reason:
+            condition["reason"] = reason
+        return condition
+
+    # -- ending -----------------------------------------------------------------------------------
+
+    def kill(self, uid: str, container: dict) -> None:
+        """The pod is gone from the API, or its node is: the container goes at once (SIGKILL)."""
+        name = container["Names"][0]
+        log.info("removing container %s (pod %s gone or its node lost)", name, uid)
+        podman("rm", "--force", "--time", "0", name, check=False)
+        tracked = self.tracked.get(uid)
+        if tracked is not None and self.logs_crd:
+            from kubernetes.client.exceptions import ApiException
+
+            group, version, plural = LOGS_API
+            try:
+                self.custom.delete_namespaced_custom_object(group, version, tracked.namespace, plural, tracked.name)
+            except ApiException:
+                pass
+
+    def remove_all(self) -> None:
+        """Every container of this kubelet, for a clean shutdown of the test bed."""
+        for uid, container in self.containers().items():
+            self.kill(uid, container)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kubeconfig", required=True)
+    parser.add_argument("--network", required=True, help="the podman network the pods join (made if absent)")
+    parser.add_argument("--workdir", required=True, type=Path, help="pod folders: ConfigMap files, container logs")
+    parser.add_argument("--infra-image", default="localhost/pneumonia:image-test",
+                        help="image for the idle container that keeps the network's gateway address up")
+    parser.add_argument("--node-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="what the node gives every container (the bucket stand-in's endpoints)")
+    parser.add_argument("--node-mount", action="append", default=[], metavar="HOST:CONTAINER:ro",
+                        help="a host file every container sees (the bucket stand-in's CA)")
+    parser.add_argument("--ready-file", type=Path, help="written with the gateway address once running")
+    parser.add_argument("--namespace-prefix", default="",
+                        help="serve only pods in namespaces starting with this (a real node's kubelet serves all "
+                             "of its pods; here several stand-ins may share one control plane)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s kubelet %(levelname)s %(message)s")
+
+    from kubernetes import client, config
+
+    api_client = config.new_client_from_config(config_file=args.kubeconfig)
+    gateway = ensure_network(args.network, args.infra_image)
+    kubelet = Kubelet(client.CoreV1Api(api_client), client.BatchV1Api(api_client), client.CustomObjectsApi(api_client),
+                      args.network, args.workdir.resolve(), args.node_env, args.node_mount, args.namespace_prefix)
+    signal.signal(signal.SIGTERM, lambda *_: kubelet.stop.set())
+    signal.signal(signal.SIGINT, lambda *_: kubelet.stop.set())
+    if args.ready_file:
+        args.ready_file.write_text(gateway + "\n")
+    log.info("serving every node's pods; network %s, gateway %s", args.network, gateway)
+    try:
+        kubelet.run()
+    finally:
+        kubelet.remove_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
