@@ -6,14 +6,12 @@
 from __future__ import annotations
 
 import argparse
-import datetime
-import secrets
 import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from pneumonia import cluster
-from pneumonia.config import PipelineConfig, load_config
+from pneumonia import cluster, tf_startup
+from pneumonia.config import PipelineConfig, load_config, new_run_id
 from pneumonia.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -26,6 +24,10 @@ from pneumonia.errors import (
 )
 from pneumonia.logs import configure_logging, get_logger
 
+# Every stage imports TensorFlow; jobs/*.py import this module first, so it is imported here, with
+# its start-up chatter filtered (pneumonia.tf_startup). Nothing above imports it.
+tf_startup.import_tensorflow()
+
 
 def parse_args(stage: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"jobs/{stage}.py", description=f"Run the {stage} stage.")
@@ -33,11 +35,6 @@ def parse_args(stage: str, argv: Sequence[str] | None = None) -> argparse.Namesp
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one key; repeatable")
     return parser.parse_args(argv)
-
-
-def new_run_id() -> str:
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
-    return f"{stamp}-{secrets.token_hex(2)}"
 
 
 class Terminated(Exception):
