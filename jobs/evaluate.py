@@ -4,7 +4,7 @@
 """
 
 from pneumonia.cli import main
-from pneumonia.training.evaluate import run
+from pneumonia.evaluation.evaluate import run
 
 if __name__ == "__main__":
     main("evaluate", run, run_id_required=True)

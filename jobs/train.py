@@ -1,6 +1,6 @@
 """Train stage entrypoint: shards -> runs/<run_id>/ (see pneumonia.training.fit; TF_CONFIG for several workers).
 
-A run that stops on purpose or fails for good leaves runs/<run_id>/_ENDED.json (pneumonia.training.run_end).
+A run that stops on purpose or fails for good leaves runs/<run_id>/_ENDED.json (pneumonia.run_ended).
 """
 
 from pneumonia import cluster

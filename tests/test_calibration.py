@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from pneumonia import storage
+from pneumonia.evaluation import calibration
 from pneumonia.layout import Layout
-from pneumonia.model import calibration
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

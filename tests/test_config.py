@@ -111,7 +111,7 @@ def test_set_keeps_text_fields_verbatim():
 
 
 def test_exponent_floats_without_a_dot_are_floats():
-    # YAML 1.1 reads 1e-4 as a string; the README writes learning rates that way.
+    # YAML 1.1 reads 1e-4 as a string; the docs write learning rates that way (docs/configuration.md).
     assert load_config(None, ["train.learning_rate=1e-4"]).train.learning_rate == 1e-4
     with pytest.raises(ConfigError, match="train.learning_rate"):
         load_config(None, ["train.learning_rate=fast"])

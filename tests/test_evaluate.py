@@ -21,14 +21,15 @@ from data_helpers import config_for, make_demo_archive
 from PIL import Image
 from sklearn.metrics import cohen_kappa_score, confusion_matrix, f1_score, roc_auc_score
 
-from pneumonia import storage
+from pneumonia import storage, weight_files
 from pneumonia.config import CLASS_NAMES, PipelineConfig, load_config
 from pneumonia.data import imaging, pipeline, preprocess, shard, tfrecords
 from pneumonia.errors import BadInputError, UpstreamMissingError
+from pneumonia.evaluation import calibration, evaluate, report, saliency, uncertainty
+from pneumonia.evaluation.calibration import apply_temperature
 from pneumonia.layout import Layout
-from pneumonia.model import calibration, export, saliency, zoo
-from pneumonia.model.calibration import apply_temperature
-from pneumonia.training import evaluate, report, uncertainty
+from pneumonia.model import zoo
+from pneumonia.training import export
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_ID = "test-run"
@@ -66,7 +67,7 @@ def make_run(root: Path, seed: int = 0, encoding: str = "png") -> TrainedRun:
     model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="categorical_crossentropy")
     train = pipeline.make_dataset(layout.processed(config.shard.size_dir), "train", 8, training=False, config=config)
     model.fit(train, epochs=4, verbose=0)
-    zoo.save_weights(model, layout.best_weights(RUN_ID))
+    weight_files.save_weights(model, layout.best_weights(RUN_ID))
     storage.write_text(storage.join(layout.run(RUN_ID), "config.yaml"), config.to_yaml())
     storage.write_json(layout.history(RUN_ID), HISTORY)
     export.export_run(layout, RUN_ID)
@@ -250,14 +251,14 @@ def test_a_second_run_skips_and_a_new_checkpoint_redoes(trained_run, evaluated):
     assert (folder / "report.md").stat().st_mtime_ns == before  # skipped: nothing rewritten
 
     other = zoo.build_model(trained_run.config.model, (32, 32, 1))  # fresh random weights
-    zoo.save_weights(other, evaluate.checkpoint_path(trained_run.run_dir))
+    weight_files.save_weights(other, evaluate.checkpoint_path(trained_run.run_dir))
     try:
         redone = evaluate.run(trained_run.config)
         assert (folder / "report.md").stat().st_mtime_ns != before
         assert storage.read_json(str(folder / "_SUCCESS.json"))["fingerprint"] != ""
         assert redone["checkpoint"] == evaluate.checkpoint_path(trained_run.run_dir)
     finally:  # later tests in this module expect the original checkpoint
-        zoo.save_weights(trained_run.model, evaluate.checkpoint_path(trained_run.run_dir))
+        weight_files.save_weights(trained_run.model, evaluate.checkpoint_path(trained_run.run_dir))
 
 
 def test_a_report_setting_changed_redoes_the_report(trained_run, evaluated):

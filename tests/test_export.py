@@ -17,12 +17,13 @@ from PIL import Image
 from test_evaluate import RUN_ID, TrainedRun, make_run
 from test_train import build_shards, copy_shards, tiny_config
 
-from pneumonia import storage
+from pneumonia import storage, weight_files
 from pneumonia.config import CLASS_NAMES
 from pneumonia.data import demo, imaging
+from pneumonia.evaluation import calibration, evaluate
 from pneumonia.layout import Layout
-from pneumonia.model import calibration, export, zoo
-from pneumonia.training import evaluate, fit
+from pneumonia.model import zoo
+from pneumonia.training import export, fit
 
 
 def served_against_evaluated(run: TrainedRun) -> tuple[dict, dict]:
@@ -75,7 +76,7 @@ def test_the_signature_takes_image_bytes_and_returns_probabilities_and_class(png
 def test_exported_weights_are_the_best_checkpoint_in_float32(png_run):
     exported = keras.models.load_model(Layout.of(png_run.config).saved_model(RUN_ID), compile=False)
     best = zoo.build_model(png_run.config.model, (32, 32, 1))
-    zoo.load_weights(best, Layout.of(png_run.config).best_weights(RUN_ID))
+    weight_files.load_weights(best, Layout.of(png_run.config).best_weights(RUN_ID))
     assert len(exported.weights) == len(best.weights)
     for ours, theirs in zip(exported.weights, best.weights, strict=True):
         assert ours.dtype == tf.float32
@@ -140,7 +141,7 @@ def test_training_exports_the_best_weights_of_a_mixed_precision_run_in_float32(t
     assert exported.dtype_policy.name == "float32"
     assert all(layer.dtype_policy.name == "float32" for layer in exported.layers)
     best = zoo.build_model(tiny_config(str(tmp_path), "x").model, (32, 32, 1))
-    zoo.load_weights(best, str(run_dir / "checkpoints" / "best.weights.h5"))
+    weight_files.load_weights(best, str(run_dir / "checkpoints" / "best.weights.h5"))
     for ours, theirs in zip(exported.weights, best.weights, strict=True):
         np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
     assert done["export"]["weights_sha256"] == fit.weights_sha256(best)

@@ -26,7 +26,7 @@ from pneumonia.config import load_config
 from pneumonia.data import preprocess, shard
 from pneumonia.data.demo import make_demo_archive
 from pneumonia.layout import EXPORT_VERSION
-from pneumonia.model import export
+from pneumonia.training import export
 
 pytestmark = pytest.mark.gcs
 

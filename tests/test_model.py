@@ -11,6 +11,7 @@ import tensorflow as tf
 import tf_keras as keras
 from sklearn.metrics import cohen_kappa_score
 
+from pneumonia import weight_files
 from pneumonia.config import CLASS_NAMES, ModelConfig
 from pneumonia.data import demo, imaging
 from pneumonia.errors import ConfigError
@@ -131,12 +132,12 @@ def test_small_cnn_refuses_a_weights_file():
 def test_save_and_load_weights_round_trip(tmp_path):
     model = zoo.build_model(SMALL, (64, 64, 1))
     path = str(tmp_path / "run" / "checkpoints" / "best.weights.h5")
-    zoo.save_weights(model, path)
+    weight_files.save_weights(model, path)
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["best.weights.h5"]  # no temp left
     other = zoo.build_model(SMALL, (64, 64, 1))
     images = _images(3, (64, 64, 1))
     assert not np.allclose(other(images).numpy(), model(images).numpy())
-    zoo.load_weights(other, path)
+    weight_files.load_weights(other, path)
     np.testing.assert_allclose(other(images).numpy(), model(images).numpy(), rtol=1e-6)
 
 

@@ -20,8 +20,8 @@ from test_evaluate import RUN_ID, make_run, read_test_records
 from pneumonia import predict
 from pneumonia.config import CLASS_NAMES
 from pneumonia.data import demo, imaging
+from pneumonia.evaluation import calibration
 from pneumonia.layout import Layout
-from pneumonia.model import calibration
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from pneumonia import run_ended
 from pneumonia.cli import run_stage
 from pneumonia.config import load_config
 from pneumonia.errors import EXIT_BAD_INPUT, BadInputError, UpstreamMissingError
+from pneumonia.evaluation import evaluate
 from pneumonia.layout import Layout
-from pneumonia.training import evaluate, run_end
+from pneumonia.training import run_end
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import PYTHON, REPO, data_root, job_args, subprocess_env, tiny_config, tiny_shards  # noqa: E402,F401
@@ -67,7 +69,7 @@ def test_a_run_stopped_on_purpose_is_marked_until_it_is_resumed(data_root: str):
 
     done = run_end.train(tiny_config(data_root, "stop", two_epochs))  # the resume removes the marker, finishes
     assert done is not None and ended(data_root, "stop") is None
-    run_end.wait_for_finished_run(Layout(data_root), tiny_config(data_root, "stop", two_epochs))  # at once
+    run_ended.wait_for_finished_run(Layout(data_root), tiny_config(data_root, "stop", two_epochs))  # at once
 
 
 def test_an_end_marker_older_than_the_wait_gets_a_grace_period_for_a_resume(tmp_path: Path):
@@ -76,11 +78,11 @@ def test_an_end_marker_older_than_the_wait_gets_a_grace_period_for_a_resume(tmp_
     root = str(tmp_path)
     layout = Layout(root)
     config = load_config(None, [f"data.root={root}", "train.run_id=r", "cluster.upstream_wait_timeout_s=60"])
-    run_end.record_end(layout, "r", run_end.STOPPED, "train.max_epochs_this_process=1 reached")
+    run_ended.record_end(layout, "r", run_ended.STOPPED, "train.max_epochs_this_process=1 reached")
 
     started = time.monotonic()
     with pytest.raises(BadInputError, match=r"run r stopped without finishing: train\.max_epochs_this_process=1"):
-        run_end.wait_for_finished_run(layout, config, stale_grace_s=0.5, poll_s=0.05)
+        run_ended.wait_for_finished_run(layout, config, stale_grace_s=0.5, poll_s=0.05)
     assert 0.5 <= time.monotonic() - started < 10
 
     def resume() -> None:  # the chief removes the marker; later the run finishes
@@ -92,7 +94,7 @@ def test_an_end_marker_older_than_the_wait_gets_a_grace_period_for_a_resume(tmp_
     resumed = threading.Thread(target=resume)
     resumed.start()
     try:
-        run_end.wait_for_finished_run(layout, config, stale_grace_s=30, poll_s=0.05)
+        run_ended.wait_for_finished_run(layout, config, stale_grace_s=30, poll_s=0.05)
     finally:
         resumed.join()
 
@@ -102,7 +104,7 @@ def test_without_a_wait_an_end_marker_is_reported_and_none_means_missing(tmp_pat
     layout = Layout(root)
     config = load_config(None, [f"data.root={root}", "train.run_id=r"])  # upstream_wait_timeout_s=0
     with pytest.raises(UpstreamMissingError, match="the train stage's marker for run r"):
-        run_end.wait_for_finished_run(layout, config)
-    run_end.record_end(layout, "r", run_end.FAILED, "the split manifest is missing")
+        run_ended.wait_for_finished_run(layout, config)
+    run_ended.record_end(layout, "r", run_ended.FAILED, "the split manifest is missing")
     with pytest.raises(BadInputError, match="run r failed without finishing: the split manifest is missing"):
-        run_end.wait_for_finished_run(layout, config)
+        run_ended.wait_for_finished_run(layout, config)

@@ -13,10 +13,10 @@ import pytest
 import tensorflow as tf
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from pneumonia import runs, storage
+from pneumonia import hparams, runs, storage
 from pneumonia.config import CLASS_NAMES, load_config
+from pneumonia.evaluation import report, uncertainty
 from pneumonia.layout import Layout
-from pneumonia.training import hparams, report, uncertainty
 
 REPO = Path(__file__).resolve().parents[1]
 

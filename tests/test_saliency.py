@@ -18,7 +18,8 @@ from test_end_to_end import stage
 
 from pneumonia.config import ModelConfig
 from pneumonia.data import demo, imaging
-from pneumonia.model import saliency, zoo
+from pneumonia.evaluation import saliency
+from pneumonia.model import zoo
 
 
 @pytest.mark.parametrize("name, input_size, activation", [("small_cnn", 64, "relu3"), ("small_cnn", 32, "relu3"),

@@ -17,9 +17,9 @@ from sklearn.metrics import (
 
 from pneumonia import storage
 from pneumonia.config import CLASS_NAMES
+from pneumonia.evaluation import uncertainty
+from pneumonia.evaluation.calibration import apply_temperature, load_temperature
 from pneumonia.layout import Layout
-from pneumonia.model.calibration import apply_temperature, load_temperature
-from pneumonia.training import uncertainty
 
 
 def fake_predictions(num_images: int, seed: int = 0, skill: float = 0.8) -> tuple[np.ndarray, np.ndarray]:

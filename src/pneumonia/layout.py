@@ -19,7 +19,7 @@ from pneumonia import storage
 from pneumonia.config import PipelineConfig
 
 MARKER_NAME = "_SUCCESS.json"
-# A run that ended without its marker: stopped on purpose or failed for good (pneumonia.training.run_end).
+# A run that ended without its marker: stopped on purpose or failed for good (pneumonia.run_ended).
 ENDED_NAME = "_ENDED.json"
 CONFIG_NAME = "config.yaml"
 BEST_WEIGHTS_NAME = "best.weights.h5"
@@ -81,7 +81,7 @@ class Layout:
         return storage.join(self.checkpoints(run_id), BEST_WEIGHTS_NAME)
 
     def calibration(self, run_id: str) -> str:
-        """The temperature fitted on val at the end of training (pneumonia.model.calibration)."""
+        """The temperature fitted on val at the end of training (pneumonia.evaluation.calibration)."""
         return storage.join(self.run(run_id), "calibration.json")
 
     def backup(self, run_id: str) -> str:

@@ -13,7 +13,7 @@ Output lines:
     {"path": "...", "probabilities": {"normal": 0.1, "bacteria": 0.8, "virus": 0.1}, "class": "bacteria"}
 
 `--gradcam OUT_DIR` also writes, per image, the image beside its Grad-CAM heatmap for the predicted
-class (`pneumonia.model.saliency`) to OUT_DIR/<path under IMAGE_OR_FOLDER, '/' as '__'>.gradcam.png.
+class (`pneumonia.evaluation.saliency`) to OUT_DIR/<path under IMAGE_OR_FOLDER, '/' as '__'>.gradcam.png.
 
 Logs go to stderr. Exit 2 for a missing run or export, image or folder, or an image that cannot be decoded.
 """
@@ -34,7 +34,7 @@ from pneumonia.data import imaging
 from pneumonia.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, BadInputError
 from pneumonia.layout import Layout
 from pneumonia.logs import configure_logging, get_logger
-from pneumonia.model import export
+from pneumonia.training import export
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".gif")
 
@@ -103,8 +103,8 @@ def write_gradcams(run_dir: str, paths: Sequence[str], out_dir: str, images_arg:
     Grad-CAM needs the Keras model's layers, not a serving signature: the model is rebuilt from the
     run's config and best weights, as the evaluate stage does.
     """
-    from pneumonia.model import saliency  # pulls in tf_keras and matplotlib; only when asked
-    from pneumonia.model.trained import load_trained_model
+    from pneumonia.evaluation import saliency  # pulls in tf_keras and matplotlib; only when asked
+    from pneumonia.trained import load_trained_model
 
     model, run_config = load_trained_model(run_dir)
     shard = run_config.shard

@@ -15,9 +15,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO, TypeVar
 
-from pneumonia.logs import get_logger
+import structlog
 
-log = get_logger(__name__)
+# structlog itself, not pneumonia.logs: logs.configure_logging configures this module, so importing
+# logs from here would close a circle.
+log = structlog.get_logger(__name__)
 
 Item = TypeVar("Item")
 BAR_WIDTH = 28

@@ -22,9 +22,9 @@ import yaml
 
 from pneumonia import storage
 from pneumonia.errors import EXIT_BAD_INPUT, EXIT_OK, BadInputError
+from pneumonia.evaluation.report import history_epochs, with_ci
+from pneumonia.hparams import flatten
 from pneumonia.layout import Layout
-from pneumonia.training.hparams import flatten
-from pneumonia.training.report import history_epochs, with_ci
 
 HEADLINE = (("accuracy", "accuracy"), ("kappa", "cohen_kappa"), ("macro F1", "macro_f1"), ("AUC", "auc_macro"))
 BINARY = (("sensitivity", "sensitivity"), ("specificity", "specificity"))

@@ -198,8 +198,8 @@ def check_gcp_service_account(objects: list[dict[str, Any]]) -> None:
             raise ConfigError(
                 f"ServiceAccount {obj['metadata']['name']} has annotation {GSA_ANNOTATION}={email or '(none)'}, "
                 f"the placeholder of {SERVICE_ACCOUNT_MANIFEST}: pass --gsa NAME@PROJECT_ID.iam.gserviceaccount.com "
-                "(the Google service account that can read and write the bucket; see README.md, "
-                "\"Running on Kubernetes\") or edit the manifest")
+                "(the Google service account that can read and write the bucket; "
+                "see docs/cluster.md, \"Prerequisites\") or edit the manifest")
 
 
 def build_manifests(manifests: list[dict[str, Any]], config: PipelineConfig,

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 
 import tensorflow as tf
 import tf_keras as keras
 
-from pneumonia import storage
 from pneumonia.config import CLASS_NAMES, ModelConfig
-from pneumonia.errors import BadInputError, ConfigError
+from pneumonia.errors import ConfigError
 from pneumonia.logs import get_logger
 
 log = get_logger(__name__)
@@ -86,29 +83,6 @@ def set_backbone_trainable(model: keras.Model, trainable: bool) -> None:
     fine-tune learning rate) after unfreezing.
     """
     model.get_layer(BACKBONE_LAYER).trainable = trainable
-
-
-def load_weights(model: keras.Model, path: str) -> None:
-    """Loads a `*.weights.h5` file (local or gs://) into `model`; BadInputError if it is missing."""
-    if not storage.exists(path):
-        raise BadInputError(f"weights file {path} does not exist; train the run first (jobs/train.py)")
-    with _local_copy(path) as local:
-        model.load_weights(local)
-
-
-def save_weights(model: keras.Model, path: str) -> None:
-    """Saves `model`'s weights as HDF5 to `path` (local or gs://), atomically.
-
-    h5py can only write a local file, so the weights go to a local temp file first and are then
-    copied under a temporary name beside `path`, renamed and checked, as every other output.
-    """
-    scratch = tempfile.mkdtemp(prefix="pneumonia-weights-")
-    try:
-        local = os.path.join(scratch, "model.weights.h5")  # the .h5 suffix selects the HDF5 format
-        model.save_weights(local)
-        storage.copy_from_local(local, path)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _efficientnetv2b0(model_config: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
@@ -190,29 +164,13 @@ def _head(x: tf.Tensor, model_config: ModelConfig, num_classes: int) -> tf.Tenso
 
 @contextlib.contextmanager
 def _backbone_weights(weights: str) -> Iterator[str | None]:
-    """Maps model.weights to what keras.applications takes; a gs:// file is copied to a local temp."""
+    """Maps model.weights to what keras.applications takes: a local file (pneumonia.weight_files fetches a gs:// one)."""
     if weights.lower() == "none":
         yield None
     elif weights.lower() == "imagenet":
         yield "imagenet"
     else:
-        if not storage.exists(weights):
+        if not os.path.exists(weights):
             raise ConfigError(f"config key model.weights = {weights!r} is invalid: no such file; "
                               + FETCH_WEIGHTS_HINT + " (or use imagenet when online, none for random)")
-        with _local_copy(weights) as local:
-            yield local
-
-
-@contextlib.contextmanager
-def _local_copy(path: str) -> Iterator[str]:
-    """h5py reads only local files: gs:// paths are copied to a temp file for the duration."""
-    if not storage.is_gcs(path):
-        yield path
-        return
-    scratch = tempfile.mkdtemp(prefix="pneumonia-weights-")
-    try:
-        local = os.path.join(scratch, path.rpartition("/")[2])
-        storage.copy_to_local(path, local)
-        yield local
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        yield weights

@@ -1,1 +1,1 @@
-"""Training (fit, cluster strategy), evaluation and its report."""
+"""Training: fit, callbacks, phases, peers, step progress, the run end and the export it ends with."""

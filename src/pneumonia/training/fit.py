@@ -17,15 +17,15 @@ import tensorflow as tf
 import tf_keras as keras
 import yaml
 
-from pneumonia import cluster, storage
+from pneumonia import cluster, hparams, storage, weight_files
 from pneumonia.config import CLASS_NAMES, FREE, RECORDED, PipelineConfig, TrainConfig, declared_keys
 from pneumonia.data import pipeline, upstream
 from pneumonia.errors import EXIT_PREEMPTED, BadInputError, ConfigError, PeerLostError, UpstreamMissingError
 from pneumonia.layout import Layout
 from pneumonia.logs import get_logger
-from pneumonia.model import export, zoo
+from pneumonia.model import zoo
 from pneumonia.model.metrics import build_metrics
-from pneumonia.training import hparams, peers
+from pneumonia.training import export, peers
 from pneumonia.training.callbacks import (
     BestWeights,
     EpochLimit,
@@ -256,8 +256,8 @@ def run(config: PipelineConfig) -> dict[str, Any] | None:
     train_data = pipeline.distributed_dataset(strategy, processed_dir, "train", global_batch, True, config,
                                               start_step=start_step)
     val_data = validation_dataset(processed_dir, global_batch, config)
-    with strategy.scope():
-        model = zoo.build_model(config.model, input_shape, num_classes=len(CLASS_NAMES))
+    with weight_files.local_model_config(config.model) as model_config, strategy.scope():
+        model = zoo.build_model(model_config, input_shape, num_classes=len(CLASS_NAMES))
 
     watch = PreemptionWatch(strategy, multi_worker=spec.is_multi_worker).install()
     backups: list[ResumableBackup] = []

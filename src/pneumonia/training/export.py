@@ -31,10 +31,10 @@ import tf_keras as keras
 from pneumonia import storage
 from pneumonia.config import CLASS_NAMES, ShardConfig
 from pneumonia.data import imaging, pipeline
+from pneumonia.evaluation import calibration
 from pneumonia.layout import Layout
 from pneumonia.logs import get_logger
-from pneumonia.model import calibration
-from pneumonia.model.trained import load_trained_model, predict_dataset
+from pneumonia.trained import load_trained_model, predict_dataset
 from pneumonia.training.callbacks import weights_sha256
 
 log = get_logger(__name__)

@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from pneumonia import storage
+from pneumonia import storage, weight_files
 from pneumonia.config import CLASS_NAMES, PipelineConfig, from_dict, parse_config_yaml
 from pneumonia.errors import BadInputError, ConfigError
 from pneumonia.layout import CONFIG_NAME, Layout
@@ -50,7 +50,7 @@ def load_trained_model(run_dir: str) -> tuple[keras.Model, PipelineConfig]:
     model = zoo.build_model(dataclasses.replace(run_config.model, weights="none"),
                             (shard.image_height, shard.image_width, shard.channels), len(CLASS_NAMES))
     try:
-        zoo.load_weights(model, weights_path)
+        weight_files.load_weights(model, weights_path)
     except (ValueError, OSError) as error:
         raise BadInputError(f"{weights_path} does not fit the model in {storage.join(run_dir, CONFIG_NAME)} "
                             f"({run_config.model.name}): {error}") from None

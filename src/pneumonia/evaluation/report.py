@@ -19,7 +19,7 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import classification_report, cohen_kappa_score, confusion_matrix, roc_auc_score, roc_curve
 
-from pneumonia.training import uncertainty
+from pneumonia.evaluation import uncertainty
 
 PLOT_DPI = 100
 

@@ -22,17 +22,16 @@ from typing import Any
 import numpy as np
 import tf_keras as keras
 
-from pneumonia import progress, storage
+from pneumonia import hparams, progress, run_ended, storage
 from pneumonia.config import CLASS_NAMES, PipelineConfig, ReportConfig
 from pneumonia.data import pipeline
 from pneumonia.errors import BadInputError
+from pneumonia.evaluation import calibration, report, saliency, uncertainty
 from pneumonia.layout import CONFIG_NAME, Layout
 from pneumonia.logs import get_logger
-from pneumonia.model import calibration, saliency
 
 # Also reachable as evaluate.load_trained_model & co, the names the tests and older callers use.
-from pneumonia.model.trained import checkpoint_path, load_run_config, load_trained_model, predict_dataset  # noqa: F401
-from pneumonia.training import hparams, report, run_end, uncertainty
+from pneumonia.trained import checkpoint_path, load_run_config, load_trained_model, predict_dataset  # noqa: F401
 
 log = get_logger(__name__)
 
@@ -69,7 +68,7 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     layout = Layout.of(config)
     run_id = config.train.run_id
     run_dir = layout.run(run_id)
-    run_end.wait_for_finished_run(layout, config)  # exits at once when the run stopped or failed for good
+    run_ended.wait_for_finished_run(layout, config)  # exits at once when the run stopped or failed for good
     model, run_config = load_trained_model(run_dir)
     size_dir = run_config.shard.size_dir
     processed_dir = layout.processed(size_dir)

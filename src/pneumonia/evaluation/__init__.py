@@ -1,0 +1,1 @@
+"""Evaluation: the evaluate stage, its report, uncertainty, calibration and saliency."""
