@@ -58,19 +58,22 @@ def run_stage(name: str, args: list[str], env: dict[str, str], timeout_s: int) -
                           capture_output=True, text=True, timeout=timeout_s)
 
 
-def rewrites(output: str) -> collections.Counter[str]:
-    """How often each rewrite message was logged (JSON lines)."""
+def rewrites(output: str, attempts: dict[str, int]) -> collections.Counter[str]:
+    """How often each rewrite message was logged (JSON lines); `attempts` gets, per file that
+    storage.write_bytes or copy_from_local wrote again, the last write that was found to differ."""
     found: collections.Counter[str] = collections.Counter()
     for line in output.splitlines():
         if not line.startswith("{"):
             continue
         try:
-            event = json.loads(line).get("event", "")
+            event = json.loads(line)
         except ValueError:
             continue
         for text in REWRITE_EVENTS:
-            if event.startswith(text):
+            if event.get("event", "").startswith(text):
                 found[text] += 1
+        if event.get("event", "").startswith(REWRITE_EVENTS[0]):
+            attempts[event["path"]] = max(attempts.get(event["path"], 0), event["attempt"])
     return found
 
 
@@ -107,7 +110,8 @@ def one_seed(emulator, seed: int, args: argparse.Namespace, archive: str, refere
 
     root = f"gs://{emulator.bucket}/seed-{seed}"
     run_id = f"faults-{seed}"
-    result = {"seed": seed, "passed": True, "seconds": {}, "rewrites": collections.Counter(), "failed": None}
+    result = {"seed": seed, "passed": True, "seconds": {}, "rewrites": collections.Counter(), "failed": None,
+              "writes_that_differed": {}}
     env = {**os.environ, **emulator.env}
     with emulator.faults(seed=seed, rate=args.rate, kinds=dict.fromkeys(args.kinds, 1.0)) as counts:
         storage.upload_file(archive, f"{root}/raw/demo.zip")  # as the launcher does, faults included
@@ -115,7 +119,7 @@ def one_seed(emulator, seed: int, args: argparse.Namespace, archive: str, refere
             started = time.monotonic()
             done = run_stage(name, stage_args(root, f"{root}/raw/demo.zip", run_id), env, timeout_s)
             result["seconds"][name] = round(time.monotonic() - started)
-            result["rewrites"].update(rewrites(done.stdout + done.stderr))
+            result["rewrites"].update(rewrites(done.stdout + done.stderr, result["writes_that_differed"]))
             if done.returncode != 0:
                 result.update(passed=False, failed=f"{name} exited {done.returncode} on its first attempt: "
                                                    f"{done.stderr[-2000:]}")
@@ -162,15 +166,18 @@ def main(argv: list[str] | None = None) -> int:
             result = one_seed(emulator, seed, args, archive, reference)
             results.append(result)
             print(f"seed {seed}: {'passed' if result['passed'] else 'FAILED'}  faults {result['faults']}  "
-                  f"rewrites {result['rewrites']}  seconds {result['seconds']}"
+                  f"rewrites {result['rewrites']}  seconds {result['seconds']}  "
+                  f"writes that differed, by file: {result['writes_that_differed']}"
                   + (f"\n  {result['failed'] or result['lost']}" if not result["passed"] else ""), flush=True)
     finally:
         emulator.stop()
     passed = sum(result["passed"] for result in results)
     total_rewrites = sum(sum(result["rewrites"].values()) for result in results)
     total_faults = sum(sum(result["faults"].values()) for result in results)
+    most = max((n for result in results for n in result["writes_that_differed"].values()), default=0)
     print(f"{passed}/{len(results)} seeds passed on every stage's first attempt with nothing lost; "
-          f"{total_faults} faults injected, {total_rewrites} rewrites")
+          f"{total_faults} faults injected, {total_rewrites} rewrites; the most writes of one file that "
+          f"differed: {most} (of storage.WRITE_ATTEMPTS)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rate": args.rate, "kinds": args.kinds, "num_images": args.num_images,
                                     "passed": passed, "seeds": results}, indent=2) + "\n")
