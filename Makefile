@@ -41,6 +41,10 @@ GPU_TYPE ?= nvidia-l4
 DRY_RUN ?=
 K8S_FLAGS ?=
 
+## Local control plane (tests/cluster/testbed.py, docs/cluster-local.md)
+CLUSTER_NAME ?= pneumonia
+CLUSTER_KUBECONFIG ?= $(HOME)/.kube/pneumonia-$(CLUSTER_NAME).yaml
+
 ## Tests and benchmarks
 PYTEST_ARGS ?=
 # Test processes (pytest-xdist); 0 runs the suite in this process.
@@ -58,6 +62,8 @@ help: ## Show this help
 	@echo "                     WORKERS GPUS_PER_WORKER=$(GPUS_PER_WORKER) GPU_TYPE=$(GPU_TYPE) NAMESPACE=$(NAMESPACE)"
 	@echo "                     CONTEXT ARCHIVE RUN_ID DRY_RUN=1 K8S_FLAGS='...' BASE_IMAGE BAKE_WEIGHTS=$(BAKE_WEIGHTS)"
 	@echo "Variables (tests):   PYTEST_ARGS='...' TEST_JOBS=$(TEST_JOBS) BENCH_ARGS='...' IMAGE_TEST_ARGS=--fresh"
+	@echo "Variables (local control plane): CLUSTER_NAME=$(CLUSTER_NAME) CLUSTER_KUBECONFIG=$(CLUSTER_KUBECONFIG)"
+	@echo "                     PNEUMONIA_TEST_CLUSTER=name (cluster-test reuses that running cluster)"
 
 .PHONY: setup
 setup: $(VENV)/.setup-stamp ## Create .venv and install the package with its test tools (quick when done)
@@ -84,12 +90,31 @@ endif
 	$(PY) jobs/evaluate.py $(STAGE_ARGS)
 
 .PHONY: test
-test: setup ## Run the test suite (slow end-to-end tests included)
-	$(PY) -m pytest -n $(TEST_JOBS) --dist worksteal $(PYTEST_ARGS)
+test: setup ## Run the test suite (slow end-to-end tests included; the control plane's are cluster-test's)
+	$(PY) -m pytest -n $(TEST_JOBS) --dist worksteal -m 'not cluster' $(PYTEST_ARGS)
 
 .PHONY: test-fast
 test-fast: setup ## Run the tests without the slow end-to-end ones
-	$(PY) -m pytest -n $(TEST_JOBS) --dist worksteal -m 'not slow' $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_JOBS) --dist worksteal -m 'not slow and not cluster' $(PYTEST_ARGS)
+
+.PHONY: cluster-build
+cluster-build: ## Build the local control plane's binaries and Kueue that are missing (Go 1.26; ~/.cache/pneumonia-k8s)
+	tests/cluster/build.sh
+	tests/cluster/build-kueue.sh
+
+.PHONY: cluster-up
+cluster-up: setup ## Start a local control plane on 127.0.0.1 (real API server, etcd, controllers, scheduler; simulated GKE nodes)
+	$(PY) tests/cluster/testbed.py up --name $(CLUSTER_NAME) --kubeconfig $(CLUSTER_KUBECONFIG)
+
+.PHONY: cluster-down
+cluster-down: setup ## Stop and delete the local control plane CLUSTER_NAME
+	$(PY) tests/cluster/testbed.py down --name $(CLUSTER_NAME) --kubeconfig $(CLUSTER_KUBECONFIG)
+
+.PHONY: cluster-test
+cluster-test: setup ## Run the tests against a real control plane (one of their own, or PNEUMONIA_TEST_CLUSTER=name)
+	tests/cluster/build.sh >/dev/null
+	tests/cluster/build-kueue.sh >/dev/null
+	$(PY) -m pytest -m cluster $(PYTEST_ARGS)
 
 .PHONY: image-test
 image-test: setup ## Build the image on a stand-in base (podman, mmdebstrap; root) and run every stage in it as the pods do

@@ -3,7 +3,8 @@
     .venv/bin/python bench/bench_data.py [--num-images 2000] [--size 256] [--source-scale 4] [--repeats 3]
 
 Builds the demo archive, runs the preprocess stage on it, then measures on the same images:
-1. shard throughput (images/s) of our stage (PNG and JPEG) vs the notebook's float-tensor TFRecords;
+1. the shard stage's CPU per image against the decode floor's (the goal), and its throughput (images/s),
+   PNG and JPEG, beside the notebook's float-tensor TFRecords;
 2. bytes on disk relative to the source JPEGs;
 3. loader throughput from our shards vs image_dataset_from_directory vs in-memory tensors (ceiling).
 Every contender first runs once on a small subset (imports, kernels, thread pools, matplotlib: the
@@ -39,7 +40,10 @@ from pneumonia.logs import configure_logging
 HERE = Path(__file__).resolve().parent
 # Film grain added after upscaling: ~1 bit/pixel JPEGs, near the real archive (~200 KB for ~2 MP).
 GRAIN_STD = 2.0
-GOALS = {"shard_speedup": 3.0, "shard_bytes_ratio": 1.1, "loader_speedup": 2.0}
+# Today's goals (issue 19 §5): the shard stage's CPU per image within 1/0.8 of the decode floor's (its
+# share of the floor, floor / stage, at least 0.8); shards at most 1.1x the source bytes; our loader at
+# least 2x image_dataset_from_directory. "3x the notebook" is retired: the floor itself reaches ~2.6x.
+GOALS = {"shard_share_of_floor": 0.8, "shard_bytes_ratio": 1.1, "loader_speedup": 2.0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -254,6 +258,13 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
                 "vs_notebook": round(stats["images_per_s"] / notebook["images_per_s"], 2),
                 "bytes": stats["bytes"], "bytes_vs_source": round(stats["bytes"] / source_bytes, 3)}
 
+    def share_of_floor(name: str) -> dict:
+        """Decode floor CPU per image / the stage's, round by round (each round runs both, interleaved)."""
+        shares = [(f["cpu_s"] / f["num_images"]) / (run["cpu_s"] / run["num_images"])
+                  for f, run in zip(runs["decode_floor"], runs[name], strict=True)]
+        return {"share_of_floor_best": round(max(shares), 3), "share_of_floor_median": round(float(np.median(shares)), 3),
+                "share_of_floor_rounds": [round(share, 3) for share in shares]}
+
     return {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
                     "tensorflow": tf.__version__},
@@ -263,9 +274,10 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
                     "mean_kb": round(sources["source_bytes"] / sources["num_images"] / 1024, 1),
                     "px_range_sample": sources["source_px_range"], "preprocess_s": round(sources["preprocess_s"], 1)},
         "shard": {
-            "ours_png": {**stage(png, sharded_source_bytes, "png"), "num_files": png["num_files"]},
+            "ours_png": {**stage(png, sharded_source_bytes, "png"), "num_files": png["num_files"],
+                         **share_of_floor("png")},
             "ours_jpeg": {**stage(jpeg, sharded_source_bytes, "jpeg"), "num_files": jpeg["num_files"],
-                          "min_psnr_db": jpeg["min_psnr_db"]},
+                          "min_psnr_db": jpeg["min_psnr_db"], **share_of_floor("jpeg")},
             "notebook": {**stage(notebook, sources["source_bytes"], "notebook"), "num_files": len(notebook["files"])},
             "decode_floor": {**stage(floor, sharded_source_bytes, "decode_floor"), "num_files": 0},
         },
@@ -281,7 +293,7 @@ def print_table(results: dict) -> None:
           f"{sources['px_range_sample'][0]}-{sources['px_range_sample'][1]} px (sample); shards at "
           f"{params['size']}x{params['size']}; {results['machine']['cpus']} CPUs")
     print(f"\n1-2. shard stage (best of {params['repeats']})    images/s   vs notebook   bytes / source   files"
-          "   median vs notebook   CPU ms/image   CPU vs notebook   all runs (s)")
+          "   median vs notebook   CPU ms/image   CPU vs notebook   share of floor (median, best)   all runs (s)")
     default = results["default_encoding"]
     for name, label in (("ours_png", "ours (png)"), ("ours_jpeg", "ours (jpeg q95)"),
                         ("notebook", "notebook (float tensors)"), ("decode_floor", "decode floor (bound)")):
@@ -289,9 +301,11 @@ def print_table(results: dict) -> None:
         if name.endswith(default):
             label += ", default"
         runs = " ".join(f"{seconds:.1f}" for seconds in row["all_runs_s"])
+        share = (f"{row['share_of_floor_median']:.2f}, {row['share_of_floor_best']:.2f}" if "share_of_floor_median" in row
+                 else "-")
         print(f"   {label:<28} {row['images_per_s']:>9.1f} {row['vs_notebook']:>12.2f}x {row['bytes_vs_source']:>15.3f}"
               f" {row['num_files']:>7} {row['median_vs_notebook']:>19.2f}x {row['cpu_ms_per_image']:>14.2f}"
-              f" {row['cpu_vs_notebook']:>16.2f}x   {runs}")
+              f" {row['cpu_vs_notebook']:>16.2f}x   {share:>28}   {runs}")
     print("   (decode floor: only reading and decoding the sources at the writer's JPEG scale, which any shard stage "
           "must do; its ratio bounds every stage's)")
     print(f"   (jpeg round-trip min PSNR {results['shard']['ours_jpeg']['min_psnr_db']} dB)")
@@ -302,9 +316,24 @@ def print_table(results: dict) -> None:
                         ("in_memory", "in-memory tensors (ceiling)")):
         row = results["loader"][name]
         print(f"   {label:<31} {row['images_per_s']:>8.1f} {row['vs_directory']:>12.2f}x")
-    goals = results["goals"]
-    print(f"\ngoals: shard >= {goals['shard_speedup']}x notebook, shard bytes <= {goals['shard_bytes_ratio']}x "
-          f"source, loader >= {goals['loader_speedup']}x directory; total {results['total_s']} s")
+    goals, shard = results["goals"], results["shard"]
+    ours = shard[f"ours_{default}"]
+    print(f"\ngoals (default encoding, {default}; 'met' judged on the median round):")
+    _goal(f"shard CPU/image share of the decode floor's >= {goals['shard_share_of_floor']}",
+          ours["share_of_floor_median"], goals["shard_share_of_floor"], at_least=True,
+          detail=f"median {ours['share_of_floor_median']:.2f}, best {ours['share_of_floor_best']:.2f}; "
+                 f"{ours['cpu_ms_per_image']:.2f} ms against {shard['decode_floor']['cpu_ms_per_image']:.2f} ms")
+    _goal(f"shard bytes / source bytes <= {goals['shard_bytes_ratio']}", ours["bytes_vs_source"],
+          goals["shard_bytes_ratio"], at_least=False, detail=f"{ours['bytes_vs_source']:.3f}")
+    loader = results["loader"][f"ours_{default}"]["vs_directory"]
+    _goal(f"loader / image_dataset_from_directory >= {goals['loader_speedup']}", loader, goals["loader_speedup"],
+          at_least=True, detail=f"{loader:.2f}x")
+    print(f"total {results['total_s']} s; ratios are within this run, the machine's load hits every contender alike")
+
+
+def _goal(name: str, value: float, goal: float, at_least: bool, detail: str) -> None:
+    met = value >= goal if at_least else value <= goal
+    print(f"   {name:<55} {'met' if met else 'NOT MET':<8} ({detail})")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
     .venv/bin/python jobs/evaluate.py --config jobs/configs/demo.yaml --set train.run_id=RUN_ID
 """
 
-from pneumonia.cli import main
-from pneumonia.evaluation.evaluate import run
+from pneumonia.cli import exit_on_sigterm_while_loading, main
+
+exit_on_sigterm_while_loading()  # before TensorFlow loads: a SIGTERM meanwhile exits 143, not 137
+from pneumonia.evaluation.evaluate import run  # noqa: E402
 
 if __name__ == "__main__":
     main("evaluate", run, run_id_required=True)

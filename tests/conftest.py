@@ -15,8 +15,12 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from cluster.testbed import Cluster
 
 # Read by TensorFlow once, at import (see the module docstring). setdefault: a developer may
 # still raise them by hand when debugging against a real bucket.
@@ -68,11 +72,42 @@ def any_root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test that reaches the emulator is marked `gcs`, whether or not its author said so,
-    so `-m "not gcs"` reliably runs without it."""
+    """Every test that reaches the emulator is marked `gcs`, and every test on the local control plane
+    `cluster`, whether or not its author said so, so `-m "not gcs"` / `-m "not cluster"` reliably
+    run without them."""
     for item in items:
         if "gcs_emulator" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.gcs)
+        if "kube_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
+
+
+@pytest.fixture(scope="session")
+def kube_cluster() -> Iterator[Cluster]:
+    """A real Kubernetes control plane on 127.0.0.1 (tests/cluster/testbed.py): etcd, kube-apiserver,
+    kube-controller-manager and kube-scheduler v1.36.4 with simulated GKE nodes and no kubelet.
+
+    Started for the session under a name of its own (building the binaries if missing) and deleted at
+    the end; PNEUMONIA_TEST_CLUSTER=NAME reuses a cluster that `make cluster-up CLUSTER_NAME=NAME`
+    started, and leaves it running. `.kubeconfig` is an admin kubeconfig; `.kubectl(...)` runs v1.36.4.
+    Tests make their own namespaces (tests/cluster/kube.py), so they can share one cluster.
+    """
+    from cluster.testbed import Cluster
+
+    reuse = os.environ.get("PNEUMONIA_TEST_CLUSTER")
+    if reuse:
+        # kwokctl's own admin kubeconfig of that cluster: found whatever CLUSTER_KUBECONFIG it was started with.
+        cluster = Cluster(reuse, Cluster(reuse).workdir / "kubeconfig.yaml")
+        if not cluster.ready():
+            pytest.fail(f"PNEUMONIA_TEST_CLUSTER={reuse}: no such cluster answers; start it with "
+                        f"make cluster-up CLUSTER_NAME={reuse}")
+        yield cluster
+        return
+    cluster = Cluster(f"pneumonia-test-{os.getpid()}", Path.home() / ".kube" / f"pneumonia-test-{os.getpid()}.yaml")
+    try:
+        yield cluster.up()
+    finally:
+        cluster.down()
 
 
 @pytest.fixture(autouse=True)

@@ -14,10 +14,10 @@ from pneumonia.data.demo import encode_jpeg
 from pneumonia.data.demo import make_demo_archive as _make_demo_archive
 
 
-def make_demo_archive(tmp_path: Path, num_images: int = 60, seed: int = 0) -> Path:
-    """The synthetic Kaggle-layout zip under tmp_path/raw/; 60 images take well under a second."""
+def make_demo_archive(tmp_path: Path, num_images: int = 60, seed: int = 0, label_noise: float = 0.0) -> Path:
+    """The synthetic Kaggle-layout zip under tmp_path/raw/ (its truth beside it); 60 images take under a second."""
     out = tmp_path / "raw" / "demo-chest-xray.zip"
-    _make_demo_archive(str(out), num_images=num_images, seed=seed)
+    _make_demo_archive(str(out), num_images=num_images, seed=seed, label_noise=label_noise)
     return out
 
 

@@ -40,6 +40,14 @@ def test_data_benchmark_runs_and_reports_every_contender(tmp_path: Path) -> None
     assert 30.0 < shard["ours_jpeg"]["min_psnr_db"] < 80.0
     assert set(results["loader"]) == {"ours_png", "ours_jpeg", "directory", "notebook_tfrecord", "in_memory"}
     assert "decode floor" in completed.stdout and "loader" in completed.stdout
+    # Today's goal is a share of the decode floor, measured round by round, and printed as such.
+    for name in ("ours_png", "ours_jpeg"):
+        floor_ms, ours_ms = shard["decode_floor"]["cpu_ms_per_image"], shard[name]["cpu_ms_per_image"]
+        assert len(shard[name]["share_of_floor_rounds"]) == 1
+        assert shard[name]["share_of_floor_median"] == pytest.approx(floor_ms / ours_ms, rel=0.02)
+    assert results["goals"]["shard_share_of_floor"] == 0.8
+    assert "shard CPU/image share of the decode floor's >= 0.8" in completed.stdout
+    assert "x notebook" not in completed.stdout.split("goals")[-1]  # the retired goal is gone
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from test_evaluate import RUN_ID, TrainedRun, make_run
 from test_train import build_shards, copy_shards, tiny_config
 
 from pneumonia import storage, weight_files
-from pneumonia.config import CLASS_NAMES
+from pneumonia.config import CLASS_NAMES, ModelConfig, ShardConfig
 from pneumonia.data import demo, imaging
 from pneumonia.evaluation import calibration, evaluate
 from pneumonia.layout import Layout
@@ -111,7 +111,7 @@ def test_a_tf_serving_rest_body_with_b64_images_decodes_and_predicts(png_run):
 
     model = png_run.model
     temperature = calibration.load_temperature(Layout.of(png_run.config), RUN_ID)
-    images = np.stack([imaging.model_input(tf.constant(f), 32, 32, 1, "png").numpy() for f in files])
+    images = np.stack([imaging.model_input(tf.constant(f), 32, 32, 1, "png", fit=png_run.config.shard.fit).numpy() for f in files])
     want = calibration.apply_temperature(model(images, training=False).numpy(), temperature)
     assert len(predictions) == len(files)
     for prediction, expected in zip(predictions, want, strict=True):
@@ -145,3 +145,18 @@ def test_training_exports_the_best_weights_of_a_mixed_precision_run_in_float32(t
     for ours, theirs in zip(exported.weights, best.weights, strict=True):
         np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
     assert done["export"]["weights_sha256"] == fit.weights_sha256(best)
+
+
+@pytest.mark.parametrize("fit", ["crop", "pad"])
+def test_the_serving_signature_resizes_with_the_run_s_fit(fit):
+    """The signature applies the shard setting the run trained with: a wide film served is the very
+    input model_input gives with that fit, and the other fit would give the model other pixels."""
+    shard = ShardConfig(image_height=32, image_width=32, channels=1, encoding="png", fit=fit)
+    model = zoo.build_model(ModelConfig(name="small_cnn", weights="none", trainable="full", input_size=32,
+                                        dense_units=(8,)), (32, 32, 1))
+    wide = _encode(demo.render_image("virus", np.random.default_rng(3), size=(60, 110)), "PNG")
+    served = export.serving_function(model, 1.0, shard)(tf.constant([wide]))
+    other = "pad" if fit == "crop" else "crop"
+    mine, theirs = (imaging.model_input(tf.constant(wide), 32, 32, 1, "png", fit=f)[tf.newaxis] for f in (fit, other))
+    np.testing.assert_allclose(served["probabilities"].numpy(), model(mine, training=False).numpy(), atol=1e-6)
+    assert not np.allclose(mine.numpy(), theirs.numpy())

@@ -87,7 +87,7 @@ def test_decode_makes_the_requested_channels_from_jpeg_and_png(run) -> None:  # 
     rgb = np.zeros((20, 30, 3), np.uint8)
     rgb[..., 1] = 200
     for encoded in (tf.io.encode_png(rgb), tf.io.encode_jpeg(rgb, quality=100)):
-        gray, height, width = run(lambda data: imaging.load_resized(data, 16, 16, 1), encoded)
+        gray, height, width = run(lambda data: imaging.load_resized(data, 16, 16, 1, fit="pad"), encoded)
         assert gray.shape == (16, 16, 1) and (height, width) == (20, 30)
         assert 100 < gray[8, 8, 0] < 140  # luma of pure green 200 is about 117
         colour = run(lambda data: imaging.decode(data, 3), encoded)
@@ -127,14 +127,14 @@ def test_large_jpeg_is_decoded_scaled_true_size_kept_and_close_to_a_full_decode(
     source_height, source_width = Image.open(io.BytesIO(data)).size[::-1]
     ratio = int(imaging.jpeg_scale_ratio(source_height, source_width, 128, 128))
     assert ratio >= 4
-    out, height, width = run(lambda d: imaging.load_resized(d, 128, 128, 1), data)
+    out, height, width = run(lambda d: imaging.load_resized(d, 128, 128, 1, fit="pad"), data)
     assert out.shape == (128, 128, 1) and out.dtype == np.uint8
     assert (height, width) == (source_height, source_width)  # the source's size, not the scaled decode's
     # It really decoded at 1/ratio: exactly what an explicit scaled decode + the same resize gives ...
     scaled = tf.io.decode_jpeg(data, channels=1, ratio=ratio, dct_method=imaging.JPEG_DCT_METHOD)
     assert scaled.shape[:2] == (-(-source_height // ratio), -(-source_width // ratio))
     new_height, new_width = imaging.fitted_size(source_height, source_width, 128, 128)
-    np.testing.assert_array_equal(out, imaging._resize_to_fit(scaled, new_height, new_width, 128, 128).numpy())
+    np.testing.assert_array_equal(out, imaging._resize_to_fit(scaled, new_height, new_width, 128, 128, "pad").numpy())
     # ... which is not the full decode's output, but very close to it (same geometry, same padding).
     reference = full_decode_resized(data, 128, 128)
     assert not np.array_equal(out, reference)
@@ -149,7 +149,7 @@ def test_scaled_decode_quality_on_benchmark_like_sources() -> None:
         data = radiograph_jpeg(seed=seed + 10, scale=scale)
         source_height, source_width = Image.open(io.BytesIO(data)).size[::-1]
         checked.add(int(imaging.jpeg_scale_ratio(source_height, source_width, size, size)))
-        out = imaging.load_resized(data, size, size, 1)[0].numpy()
+        out = imaging.load_resized(data, size, size, 1, fit="pad")[0].numpy()
         assert imaging.psnr_db(full_decode_resized(data, size, size), out) > 40.0, (seed, size, scale)
     assert checked == {1, 2, 4}
 
@@ -161,10 +161,10 @@ def test_scaled_decode_converts_channels_like_a_full_decode(run) -> None:  # noq
     colour_jpeg = tf.io.encode_jpeg(rgb, quality=100).numpy()
     gray_jpeg = tf.io.encode_jpeg(np.full((160, 240, 1), 90, np.uint8), quality=100).numpy()
     assert int(imaging.jpeg_scale_ratio(160, 240, 16, 16)) == 4
-    gray, height, width = run(lambda data: imaging.load_resized(data, 16, 16, 1), colour_jpeg)
+    gray, height, width = run(lambda data: imaging.load_resized(data, 16, 16, 1, fit="pad"), colour_jpeg)
     assert gray.shape == (16, 16, 1) and (height, width) == (160, 240)
     assert 100 < gray[8, 8, 0] < 140  # luma of pure green 200 is about 117
-    colour, _, _ = run(lambda data: imaging.load_resized(data, 16, 16, 3), gray_jpeg)
+    colour, _, _ = run(lambda data: imaging.load_resized(data, 16, 16, 3, fit="pad"), gray_jpeg)
     assert colour.shape == (16, 16, 3)
     assert np.all(np.abs(colour[8, 8].astype(int) - 90) <= 2)  # gray copied to R, G and B
 
@@ -173,15 +173,15 @@ def test_scaled_decode_converts_channels_like_a_full_decode(run) -> None:  # noq
 def test_png_sources_are_decoded_in_full(run) -> None:  # noqa: ANN001
     y, x = np.mgrid[0:300, 0:400]
     pixels = ((x + 3 * y) % 251).astype(np.uint8)[..., None]
-    out, height, width = run(lambda data: imaging.load_resized(data, 32, 32, 1), tf.io.encode_png(pixels))
+    out, height, width = run(lambda data: imaging.load_resized(data, 32, 32, 1, fit="pad"), tf.io.encode_png(pixels))
     assert (height, width) == (300, 400)
     np.testing.assert_array_equal(out, imaging.resize_with_pad(pixels, 32, 32).numpy())
 
 
 def test_load_resized_is_deterministic_eagerly_and_in_tf_data() -> None:
     data = radiograph_jpeg(seed=2, rgb=True)
-    outputs = [eager(lambda d: imaging.load_resized(d, 96, 96, 1), data) for _ in range(2)]
-    outputs += [in_tf_data(lambda d: imaging.load_resized(d, 96, 96, 1), data) for _ in range(2)]
+    outputs = [eager(lambda d: imaging.load_resized(d, 96, 96, 1, fit="pad"), data) for _ in range(2)]
+    outputs += [in_tf_data(lambda d: imaging.load_resized(d, 96, 96, 1, fit="pad"), data) for _ in range(2)]
     for out in outputs[1:]:
         for got, first in zip(out, outputs[0], strict=True):
             np.testing.assert_array_equal(got, first)
@@ -195,7 +195,7 @@ def test_broken_jpeg_sources_raise_invalid_argument(run) -> None:  # noqa: ANN00
     data = radiograph_jpeg(seed=3)
     for broken in (b"\xff\xd8\xff" + b"\x00" * 64, data[: len(data) // 3]):
         with pytest.raises(tf.errors.InvalidArgumentError):
-            run(lambda d: imaging.load_resized(d, 64, 64, 1), broken)
+            run(lambda d: imaging.load_resized(d, 64, 64, 1, fit="pad"), broken)
 
 
 @pytest.mark.parametrize("run", [eager, in_tf_data])
@@ -237,3 +237,44 @@ def test_psnr() -> None:
     a = np.zeros((4, 4))
     assert imaging.psnr_db(a, a) == float("inf")
     assert imaging.psnr_db(a, a + 1) == pytest.approx(48.13, abs=0.01)
+
+
+@pytest.mark.parametrize("size, covering", [((600, 300), (128, 64)), ((300, 600), (64, 128)), ((64, 64), (64, 64)),
+                                            ((20, 10), (128, 64)), ((99, 100), (64, 65))])
+def test_covering_size_keeps_the_aspect_ratio_and_covers_the_target(size, covering) -> None:  # noqa: ANN001
+    height, width = imaging.covering_size(*size, 64, 64)
+    assert (int(height), int(width)) == covering
+
+
+@pytest.mark.parametrize("run", [eager, in_tf_data])
+def test_crop_fills_the_target_with_the_film_s_centre_whatever_its_shape(run) -> None:  # noqa: ANN001
+    # A wide film: black sides, a white centre square. Cropped to a square, it is all white (the
+    # sides are cut); letterboxed, it shows bars above and below and the black sides.
+    wide = np.zeros((100, 180, 1), np.uint8)
+    wide[:, 40:140] = 255
+    cropped = run(lambda image: imaging.resize_to_target(image, 32, 32, "crop"), wide)
+    assert cropped.shape == (32, 32, 1) and cropped.min() >= 250
+    padded = run(lambda image: imaging.resize_to_target(image, 32, 32, "pad"), wide)
+    assert padded[:7].max() == 0 and padded[25:].max() == 0 and padded[16, 16, 0] == 255
+    # Tall too: the crop keeps the middle rows.
+    tall = np.zeros((180, 100, 1), np.uint8)
+    tall[40:140] = 255
+    assert run(lambda image: imaging.resize_to_target(image, 32, 32, "crop"), tall).min() >= 250
+    # A film of films: every shape fills the target, so nothing outside the film can tell its shape.
+    for height, width in ((140, 160), (140, 260), (300, 200), (20, 70)):
+        film = np.full((height, width, 1), 200, np.uint8)
+        assert run(lambda image: imaging.resize_to_target(image, 32, 32, "crop"), film).min() == 200
+
+
+def test_crop_from_a_scaled_jpeg_decode_is_close_to_a_full_decode() -> None:
+    data = radiograph_jpeg(seed=4, scale=6.0)
+    out, height, width = imaging.load_resized(tf.constant(data), 64, 64, 1, fit="crop")
+    assert imaging.jpeg_scale_ratio(height, width, 64, 64, "crop") >= 2  # really decoded smaller
+    full = tf.io.decode_jpeg(data, channels=1, dct_method=imaging.JPEG_DCT_METHOD)
+    reference = imaging.resize_to_target(full, 64, 64, "crop").numpy()
+    assert imaging.psnr_db(reference, out.numpy()) > 40
+
+
+def test_an_unknown_fit_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown fit 'stretch'"):
+        imaging.load_resized(tf.constant(radiograph_jpeg(seed=1)), 32, 32, 1, fit="stretch")

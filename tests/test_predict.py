@@ -59,7 +59,8 @@ def test_cli_prints_one_json_line_per_image(trained_run, image_folder):
 
     shard = trained_run.config.shard
     images = np.stack([imaging.model_input(tf.constant(Path(p).read_bytes()), shard.image_height, shard.image_width,
-                                           shard.channels, shard.encoding).numpy() for p in expected_paths])
+                                           shard.channels, shard.encoding, fit=shard.fit).numpy()
+                       for p in expected_paths])
     temperature = calibration.load_temperature(Layout.of(trained_run.config), RUN_ID)
     want = calibration.apply_temperature(trained_run.model(images, training=False).numpy(), temperature)
     for row, expected in zip(rows, want, strict=True):
@@ -75,7 +76,8 @@ def test_images_are_prepared_exactly_as_the_shard_stage_prepares_them(trained_ru
     records = read_test_records(config)[:4]
     for record in records:
         source = str(Path(Layout.of(config).root) / record.source_path)
-        prepared = imaging.model_input(tf.constant(Path(source).read_bytes()), 32, 32, 1, "png").numpy()
+        prepared = imaging.model_input(tf.constant(Path(source).read_bytes()), 32, 32, 1, "png",
+                                       fit=config.shard.fit).numpy()
         stored = imaging.to_float(imaging.decode_stored(tf.constant(record.image), 32, 32, 1)).numpy()
         np.testing.assert_array_equal(prepared, stored)  # PNG shards are lossless
 

@@ -176,3 +176,19 @@ def test_a_shard_cut_short_in_storage_is_a_retryable_storage_error(copy: tuple[P
     with pytest.raises(StorageError, match=f"shard {path} cannot be read back") as caught:
         roundtrip.check(str(out_dir), marker["shards"], rows_of(root), config_for(root, ALL), str(root))
     assert caught.value.exit_code == 1
+
+
+def test_the_plot_boxes_what_the_crop_keeps_of_each_film(copy: tuple[Path, dict]) -> None:
+    # A 100 x 150 film in a 64 x 64 shard: letterboxed to 43 x 64 (rows 10-52); the crop keeps its
+    # middle two thirds (a 43-row square), padding keeps it all.
+    assert roundtrip.kept_box(100, 150, 64, 64, "crop") == pytest.approx((10, 64 / 6, 43, 64 * 2 / 3))
+    assert roundtrip.kept_box(100, 150, 64, 64, "pad") == (10, 0, 43, 64)
+    assert roundtrip.kept_caption(100, 150, 64, 64, "crop") == "film: keeps 67 % of its width"
+    assert roundtrip.kept_caption(150, 100, 64, 64, "crop") == "film: keeps 67 % of its height"
+    assert roundtrip.kept_caption(100, 150, 64, 64, "pad") == "film: all kept, bars added"
+    root, marker = copy
+    out_dir = root / "processed" / SIZE_DIR
+    roundtrip.check(str(out_dir), marker["shards"], rows_of(root), config_for(root, ALL), str(root))
+    plot = tf.io.decode_png((out_dir / roundtrip.PLOT_NAME).read_bytes(), channels=3).numpy().astype(int)
+    orange = (plot[..., 0] > 220) & (plot[..., 1] > 130) & (plot[..., 1] < 200) & (plot[..., 2] < 60)
+    assert orange.sum() > 16 * 100  # a box around the kept part of every film drawn

@@ -36,7 +36,7 @@ BEFORE_LAUNCHER_IGNORES = {"cluster.image"}
 BEFORE_INTERIM = {"data.max_uncompressed_bytes", "data.max_compression_ratio", "data.max_entries",
                   "data.max_entry_bytes", "split.mode", "split.seed", "split.val_fraction", "split.test_fraction",
                   "split.small_train_fraction", "split.small_val_fraction", "split.imbalance_warn_ratio"}
-BEFORE_SHARDS = {"shard.image_height", "shard.image_width", "shard.channels", "shard.encoding",
+BEFORE_SHARDS = {"shard.image_height", "shard.image_width", "shard.channels", "shard.encoding", "shard.fit",
                  "shard.target_shard_bytes", "shard.min_shards_per_split", "cluster.num_workers", "split.seed"}
 
 OTHER_CONFIG = ["shard.image_height=128", "shard.encoding=png", "shard.num_workers=3", "cluster.num_workers=2",
@@ -58,7 +58,7 @@ def test_derived_settings_equal_what_the_stages_computed_before(overrides: list[
     # shard._output_settings as written out before: the shards' fingerprint must not change.
     s = config.shard
     before_shards = {"format_version": tfrecords.FORMAT_VERSION, "image_height": s.image_height,
-                     "image_width": s.image_width, "channels": s.channels, "encoding": s.encoding,
+                     "image_width": s.image_width, "channels": s.channels, "encoding": s.encoding, "fit": s.fit,
                      "jpeg_quality": imaging.JPEG_QUALITY if s.encoding == "jpeg" else None,
                      "png_compression": imaging.PNG_COMPRESSION if s.encoding == "png" else None,
                      "resize": imaging.RESIZE_METHOD, "target_shard_bytes": s.target_shard_bytes,

@@ -445,3 +445,28 @@ def test_shard_refuses_interim_made_from_an_archive_replaced_since(tmp_path: Pat
                                             "preprocess"):
         shard.run(config_for(tmp_path, f"data.archive={archive}", "cluster.upstream_wait_timeout_s=0"))
     assert not (tmp_path / "processed").exists()
+
+
+def test_the_writer_takes_records_in_batches_yet_an_unreadable_one_fails_at_its_own_place(tmp_path: Path) -> None:
+    # The writer reads the decode pipeline a batch at a time; a bad source fails its whole batch, and
+    # the records before it in that batch must still come out, in order, before the error.
+    paths = []
+    for index in range(5):
+        path = tmp_path / f"{index}.jpeg"
+        path.write_bytes(encode_jpeg(np.full((40, 30), 40 * index, np.uint8), rgb=False))
+        paths.append(str(path))
+    (tmp_path / "3.jpeg").write_bytes(b"this is not an image")
+
+    def load(path: tf.Tensor) -> tuple:
+        resized, original_height, original_width = imaging.load_resized(tf.io.read_file(path), 32, 32, 1, fit="pad")
+        return imaging.encode(resized, "png"), original_height, original_width
+
+    records = shard._encoded_records(paths, load)  # noqa: SLF001 - the writer's own reader
+    for index in range(3):
+        image, height, width = next(records)
+        assert (height, width) == (40, 30)
+        assert imaging.decode_stored(image, 32, 32, 1).numpy()[16, 16, 0] == 40 * index
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        next(records)
+    good = shard._encoded_records(paths[:3] + paths[4:], load)  # noqa: SLF001
+    assert [height for _, height, _ in good] == [40, 40, 40, 40]

@@ -45,6 +45,21 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+def exit_on_sigterm_while_loading() -> None:
+    """Called by each entrypoint before it imports the stage (TensorFlow loads for seconds, 20 on a busy
+    node). In a container python is PID 1, which ignores SIGTERM until a handler exists, so a pod stopped
+    then (Kueue suspending a just-admitted Job, a drain, a deletion) ran on into the stage and held its
+    GPU until the SIGKILL after the grace period: exit 137, which also spends a retry wherever the Job
+    controller still counts the pod (one deleted without a DisruptionTarget condition). With this, it
+    exits 143 at once: nothing has started, so nothing is lost. run_stage then installs the handler
+    for the work itself."""
+    signal.signal(signal.SIGTERM, _exit_preempted)
+
+
+def _exit_preempted(signum: int, frame: object) -> None:
+    sys.exit(EXIT_PREEMPTED)
+
+
 def run_stage(stage: str, body: Callable[[PipelineConfig], object], argv: Sequence[str] | None = None, *,
               run_id_required: bool = False) -> int:
     """Parses, configures logging, runs `body(config)`, and maps failures to exit codes.

@@ -104,6 +104,12 @@ class ShardConfig:
     # jpeg (quality 95) measured faster to write, 2-3x faster to read and half the bytes of png, at
     # a PSNR of 41 dB or more against the resized source (bench/README.md); png stays for exactness.
     encoding: str = setting("jpeg", decides=(SHARDS,))
+    # How a film of another shape than image_height x image_width fits it: crop (scale to cover, cut
+    # the centre) or pad (letterbox on black). Real films' shape tells their class (normal width /
+    # height median 1.21, pneumonia ~1.5), and letterboxing hands that to the model: on the demo
+    # archive with classes told apart by shape alone, pad trains to a high kappa, crop to chance
+    # (docs/shortcuts.md). crop cuts the sides of wide films; pad keeps them.
+    fit: str = setting("crop", decides=(SHARDS,))
     # Target bytes per shard file; the count is then raised to at least min_shards_per_split
     # and to the number of training workers, so FILE autosharding always has files to hand out.
     target_shard_bytes: int = setting(100 * 1024**2, decides=(SHARDS,))
@@ -125,6 +131,7 @@ class ShardConfig:
             _require(16 <= value <= 4096, f"shard.{name}", value, "between 16 and 4096 pixels")
         _require(self.channels in (1, 3), "shard.channels", self.channels, "1 (grayscale) or 3 (RGB)")
         _require(self.encoding in ("png", "jpeg"), "shard.encoding", self.encoding, "png or jpeg")
+        _require(self.fit in ("crop", "pad"), "shard.fit", self.fit, "crop (centre crop to the target's shape) or pad")
         _require(self.target_shard_bytes > 0, "shard.target_shard_bytes", self.target_shard_bytes, "> 0")
         _require(self.min_shards_per_split >= 1, "shard.min_shards_per_split", self.min_shards_per_split, ">= 1")
         _require(self.num_workers >= 1, "shard.num_workers", self.num_workers, ">= 1")
@@ -231,6 +238,11 @@ class ClusterConfig:
     peer_wait_timeout_s: int = setting(600, resume=FREE)
     # How long a stage waits for its upstream _SUCCESS.json (0: fail at once if it is missing).
     upstream_wait_timeout_s: int = setting(0, resume=FREE)
+    # Kueue's LocalQueue in cluster.namespace ("": no Kueue). Set, every Job carries the
+    # kueue.x-k8s.io/queue-name label and is created suspended: Kueue starts it once quota (and
+    # capacity, for flex-start) for all of its pods is there (docs/gpus-on-gke.md). Where a run
+    # queues, not what it trains: a resume may change it.
+    queue_name: str = setting("", resume=FREE)
 
     def validate(self) -> None:
         _require(self.num_workers >= 1, "cluster.num_workers", self.num_workers, ">= 1")
@@ -239,6 +251,10 @@ class ClusterConfig:
         _require(self.peer_wait_timeout_s >= 0, "cluster.peer_wait_timeout_s", self.peer_wait_timeout_s, ">= 0")
         _require(self.upstream_wait_timeout_s >= 0, "cluster.upstream_wait_timeout_s",
                  self.upstream_wait_timeout_s, ">= 0")
+        # A label value that names an object: a DNS subdomain of at most 63 characters.
+        _require(self.queue_name == "" or re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?", self.queue_name)
+                 is not None, "cluster.queue_name", self.queue_name,
+                 "empty (no Kueue) or the name of a Kueue LocalQueue (lower-case letters, digits, '-', '.')")
 
 
 @dataclass(frozen=True)

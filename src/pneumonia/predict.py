@@ -128,7 +128,7 @@ def _model_input(path: str, shard: ShardConfig) -> np.ndarray:
     """One file -> the pixels the model sees for it (imaging.model_input, as the serving signature does)."""
     try:
         image = imaging.model_input(tf.constant(storage.read_bytes(path)), shard.image_height, shard.image_width,
-                                    shard.channels, shard.encoding)
+                                    shard.channels, shard.encoding, fit=shard.fit)
     except (tf.errors.InvalidArgumentError, ValueError) as error:
         raise BadInputError(f"{path} is not a decodable image: {error}") from None
     return image.numpy()

@@ -304,7 +304,8 @@ def _tf_decoder(channels: int):  # noqa: ANN202
         if channels not in _TF_DECODERS:
             @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
             def decode(data: tf.Tensor) -> tf.Tensor:
-                return imaging.load_resized(data, _CHECK_SIZE, _CHECK_SIZE, channels)[0]
+                # Either fit decodes the same bytes: whether it decodes is all this check asks.
+                return imaging.load_resized(data, _CHECK_SIZE, _CHECK_SIZE, channels, fit="pad")[0]
 
             _TF_DECODERS[channels] = decode.get_concrete_function()
         return _TF_DECODERS[channels]

@@ -27,7 +27,13 @@ JPEG_SCALE_RATIOS = (1, 2, 4)
 JPEG_DCT_METHOD = "INTEGER_ACCURATE"
 # Names how source pixels become shard pixels; part of the shard stage's fingerprint, so shards
 # written by an older resize are redone rather than mixed with new ones (and fail the PNG check).
-RESIZE_METHOD = "jpeg-dct-scaled/area-shrink/bilinear-enlarge/pad-black/v2"
+# How a film of another shape fits the target is the shard setting `fit` (FITS), fingerprinted too.
+RESIZE_METHOD = "jpeg-dct-scaled/area-shrink/bilinear-enlarge/v3"
+# crop: scale the film to cover the target, then cut the centre to the target's aspect ratio (as
+# torchxrayvision does): every film fills the target, so its shape tells nothing. pad: scale it to
+# fit inside and centre it on black (letterboxing): the bars' shape is the film's shape, which in
+# the real archive tells the class (docs/shortcuts.md).
+FITS = ("crop", "pad")
 
 
 def decode(image_bytes: tf.Tensor, channels: int) -> tf.Tensor:
@@ -38,17 +44,17 @@ def decode(image_bytes: tf.Tensor, channels: int) -> tf.Tensor:
 
 
 def jpeg_scale_ratio(source_height: tf.Tensor, source_width: tf.Tensor, target_height: int,
-                     target_width: int) -> tf.Tensor:
+                     target_width: int, fit: str = "pad") -> tf.Tensor:
     """The largest libjpeg scale denominator r in JPEG_SCALE_RATIOS whose decode still covers the fit.
 
     libjpeg decodes at 1/r in the DCT domain to ceil(h / r) x ceil(w / r); r is the largest whose
-    size stays >= fitted_size(h, w, target) on both sides, so the resize after it only ever shrinks
-    (area averaging) and never enlarges. A source already smaller than the target gets 1.
+    size stays >= scaled_size(h, w, target, fit) on both sides, so the resize after it only ever
+    shrinks (area averaging) and never enlarges. A source already smaller than the target gets 1.
     Returns an int32 scalar tensor; works eagerly and in graphs.
     """
     source_height = tf.cast(source_height, tf.int32)
     source_width = tf.cast(source_width, tf.int32)
-    new_height, new_width = fitted_size(source_height, source_width, target_height, target_width)
+    new_height, new_width = scaled_size(source_height, source_width, target_height, target_width, fit)
     ratio = tf.constant(1, tf.int32)
     for candidate in JPEG_SCALE_RATIOS[1:]:  # increasing; coverage only shrinks as r grows
         covers = tf.logical_and(-(-source_height // candidate) >= new_height,
@@ -73,7 +79,7 @@ def decode_jpeg_scaled(image_bytes: tf.Tensor, channels: int, ratio: tf.Tensor) 
 
 
 def decode_source(image_bytes: tf.Tensor, target_height: int, target_width: int,
-                  channels: int) -> tuple:
+                  channels: int, fit: str = "pad") -> tuple:
     """Source file bytes -> (uint8 [h', w', channels], true height, true width), decoded only as large as needed.
 
     JPEGs (by their magic bytes) are decoded at the reduced scale of jpeg_scale_ratio, their true
@@ -83,7 +89,7 @@ def decode_source(image_bytes: tf.Tensor, target_height: int, target_width: int,
 
     def from_jpeg() -> tuple:
         shape = tf.image.extract_jpeg_shape(image_bytes)
-        ratio = jpeg_scale_ratio(shape[0], shape[1], target_height, target_width)
+        ratio = jpeg_scale_ratio(shape[0], shape[1], target_height, target_width, fit)
         return decode_jpeg_scaled(image_bytes, channels, ratio), shape[0], shape[1]
 
     def in_full() -> tuple:
@@ -104,49 +110,83 @@ def fitted_size(height: tf.Tensor, width: tf.Tensor, target_height: int, target_
     return new_height, new_width
 
 
+def covering_size(height: tf.Tensor, width: tf.Tensor, target_height: int, target_width: int) -> tuple:
+    """The smallest size with the source's aspect ratio that covers the target (at least the target a side)."""
+    height = tf.cast(height, tf.float64)
+    width = tf.cast(width, tf.float64)
+    scale = tf.maximum(target_height / height, target_width / width)
+    new_height = tf.maximum(tf.cast(tf.round(height * scale), tf.int32), target_height)
+    new_width = tf.maximum(tf.cast(tf.round(width * scale), tf.int32), target_width)
+    return new_height, new_width
+
+
+def scaled_size(height: tf.Tensor, width: tf.Tensor, target_height: int, target_width: int, fit: str) -> tuple:
+    """The size a source is resized to before `fit` crops (covering_size) or pads (fitted_size) it."""
+    check_fit(fit)
+    return (covering_size if fit == "crop" else fitted_size)(height, width, target_height, target_width)
+
+
+def check_fit(fit: str) -> None:
+    if fit not in FITS:
+        raise ValueError(f"unknown fit {fit!r}; expected one of {FITS}")
+
+
+def resize_to_target(image: tf.Tensor, target_height: int, target_width: int, fit: str) -> tf.Tensor:
+    """uint8 [h, w, C] -> uint8 [target_height, target_width, C], aspect ratio kept: centre-cropped
+    (`fit="crop"`) or centred on black (`fit="pad"`). See FITS and resize_with_pad."""
+    shape = tf.shape(image)
+    new_height, new_width = scaled_size(shape[0], shape[1], target_height, target_width, fit)
+    return _resize_to_fit(image, new_height, new_width, target_height, target_width, fit)
+
+
 def resize_with_pad(image: tf.Tensor, target_height: int, target_width: int) -> tf.Tensor:
     """uint8 [h, w, C] -> uint8 [target_height, target_width, C], aspect ratio kept, centred on black.
 
-    Padding rather than cropping: the lung fields reach the image edges (costophrenic angles,
-    apices) and a crop could cut away the opacity that makes the label. The padding is black,
-    like the collimated border most radiographs already have. Shrinking uses area averaging (each
-    output pixel is the mean of the source pixels it covers), which cannot alias rib edges and
-    measured 2-4x faster than tf.image.resize's antialiased bilinear; enlarging (sources smaller
-    than the target) uses bilinear, where area would give blocks.
+    Padding keeps the whole film (a crop cuts the sides of a wide one), but the bars' shape is the
+    film's shape, and in the real archive that tells the class: the shard stage crops by default
+    (shard.fit, docs/shortcuts.md). Shrinking uses area averaging (each output pixel is the mean of
+    the source pixels it covers), which cannot alias rib edges and measured 2-4x faster than
+    tf.image.resize's antialiased bilinear; enlarging (sources smaller than the target) uses
+    bilinear, where area would give blocks.
     """
-    shape = tf.shape(image)
-    new_height, new_width = fitted_size(shape[0], shape[1], target_height, target_width)
-    return _resize_to_fit(image, new_height, new_width, target_height, target_width)
+    return resize_to_target(image, target_height, target_width, "pad")
 
 
 def _resize_to_fit(image: tf.Tensor, new_height: tf.Tensor, new_width: tf.Tensor, target_height: int,
-                   target_width: int) -> tf.Tensor:
-    """resize_with_pad's body, with the fitted size given (from the source's true size)."""
+                   target_width: int, fit: str) -> tf.Tensor:
+    """resize_to_target's body, with the scaled size given (from the source's true size)."""
     shape = tf.shape(image)
     new_size = tf.stack([new_height, new_width])
     shrinking = tf.logical_and(new_height <= shape[0], new_width <= shape[1])
     resized = tf.cond(shrinking, lambda: tf.image.resize(image, new_size, method="area"),
                       lambda: tf.image.resize(image, new_size, method="bilinear"))
     resized = tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
-    padded = tf.image.pad_to_bounding_box(
-        resized, (target_height - new_height) // 2, (target_width - new_width) // 2, target_height, target_width)
-    padded.set_shape([target_height, target_width, image.shape[-1]])
-    return padded
+    if fit == "crop":
+        placed = tf.image.crop_to_bounding_box(
+            resized, (new_height - target_height) // 2, (new_width - target_width) // 2, target_height, target_width)
+    else:
+        placed = tf.image.pad_to_bounding_box(
+            resized, (target_height - new_height) // 2, (target_width - new_width) // 2, target_height, target_width)
+    placed.set_shape([target_height, target_width, image.shape[-1]])
+    return placed
 
 
-def load_resized(image_bytes: tf.Tensor, height: int, width: int, channels: int) -> tuple:
+def load_resized(image_bytes: tf.Tensor, height: int, width: int, channels: int, *, fit: str) -> tuple:
     """Source file bytes -> (uint8 [height, width, channels], original height, original width).
 
     The one function behind the shard writer, the round-trip check and predict, so all three give
-    the same pixels. JPEG sources are decoded at a reduced scale (decode_source); the fitted size
-    comes from the source's true size, so the output geometry is the same as a full decode's.
+    the same pixels; `fit` is the shard setting (FITS). JPEG sources are decoded at a reduced scale
+    (decode_source); the scaled size comes from the source's true size, so the output geometry is
+    the same as a full decode's.
     """
-    image, original_height, original_width = decode_source(image_bytes, height, width, channels)
-    new_height, new_width = fitted_size(original_height, original_width, height, width)
-    return _resize_to_fit(image, new_height, new_width, height, width), original_height, original_width
+    check_fit(fit)
+    image, original_height, original_width = decode_source(image_bytes, height, width, channels, fit)
+    new_height, new_width = scaled_size(original_height, original_width, height, width, fit)
+    return _resize_to_fit(image, new_height, new_width, height, width, fit), original_height, original_width
 
 
-def model_input(image_bytes: tf.Tensor, height: int, width: int, channels: int, encoding: str = "png") -> tf.Tensor:
+def model_input(image_bytes: tf.Tensor, height: int, width: int, channels: int, encoding: str = "png", *,
+                fit: str) -> tf.Tensor:
     """Source file bytes -> float32 [height, width, channels] in [0, 1]: what the model sees for a file.
 
     The shard writer's pixels as the input pipeline reads them back from a shard stored with
@@ -155,7 +195,7 @@ def model_input(image_bytes: tf.Tensor, height: int, width: int, channels: int, 
     scored; PNG is lossless and needs no round trip. The exported model's serving signature (and
     so pneumonia.predict) runs exactly this in its graph.
     """
-    resized = load_resized(image_bytes, height, width, channels)[0]
+    resized = load_resized(image_bytes, height, width, channels, fit=fit)[0]
     if encoding != "png":
         resized = decode_stored(encode(resized, encoding), height, width, channels)
     return to_float(resized)

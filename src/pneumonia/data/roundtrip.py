@@ -3,7 +3,9 @@
 Every record's label, class and path are checked against the split manifest (the same set comes
 back, nothing lost or doubled); sampled images are decoded by the pipeline and compared with the
 source after the same resize: equal pixels for PNG, PSNR above a floor for JPEG. The pairs are
-drawn to roundtrip.png for people. The shard stage runs it before writing its marker.
+drawn to roundtrip.png for people, each beside its whole film with the part the resize keeps boxed
+(shard.fit: crop cuts a film's sides or ends, pad keeps all of it and adds bars). The shard stage
+runs it before writing its marker.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ class Pair:
     stored: np.ndarray  # float [H, W, C] in [0, 1], as the input pipeline yields it
     stored_class_name: str
     psnr_db: float
+    film: np.ndarray | None = None  # float [H, W, C]: the whole film letterboxed into the shard size
+    kept: tuple[float, float, float, float] | None = None  # (top, left, height, width) in `film`: what the fit keeps
+    kept_caption: str = "film"
 
 
 def sample_rows(rows: list[dict[str, Any]], per_class: int, seed: int) -> list[dict[str, Any]]:
@@ -118,13 +123,17 @@ def check(processed_dir: str, shards: list[dict[str, Any]], rows: list[dict[str,
         row = expected[source_path]
         decoded = pipeline.decode_record(tf.constant(serialized), height, width, channels)
         source_bytes = storage.read_bytes(storage.join(data_root, source_path))
-        resized, original_height, original_width = imaging.load_resized(source_bytes, height, width, channels)
+        resized, original_height, original_width = imaging.load_resized(source_bytes, height, width, channels,
+                                                                                fit=shard_config.fit)
         source = imaging.to_float(resized).numpy()
         stored = decoded["image"].numpy()
         psnr = imaging.psnr_db(source * 255.0, stored * 255.0)
         stored_label = int(np.argmax(decoded["label"].numpy()))
+        film = imaging.load_resized(source_bytes, height, width, channels, fit="pad")[0]
         pairs.append(Pair(row["split"], row["class"], source_path, shard_path, source, stored,
-                          CLASS_NAMES[stored_label], psnr))
+                          CLASS_NAMES[stored_label], psnr, imaging.to_float(film).numpy(),
+                          kept_box(int(original_height), int(original_width), height, width, shard_config.fit),
+                          kept_caption(int(original_height), int(original_width), height, width, shard_config.fit)))
         where = f"shard {shard_path}, source {source_path}"
         if (record.original_height, record.original_width) != (int(original_height), int(original_width)):
             problems.append(f"{where}: original size {record.original_height}x{record.original_width} recorded, "
@@ -150,12 +159,28 @@ def check(processed_dir: str, shards: list[dict[str, Any]], rows: list[dict[str,
     return summary
 
 
+def kept_box(original_height: int, original_width: int, height: int, width: int,
+             fit: str) -> tuple[float, float, float, float]:
+    """(top, left, height, width) of the part of a film that `fit` keeps, in the film letterboxed into
+    height x width (imaging.fitted_size): the centred target-shaped part for crop, all of it for pad."""
+    fitted_height, fitted_width = (int(v) for v in imaging.fitted_size(original_height, original_width, height, width))
+    top, left = (height - fitted_height) // 2, (width - fitted_width) // 2
+    if fit == "pad":
+        return float(top), float(left), float(fitted_height), float(fitted_width)
+    cover = max(height / original_height, width / original_width)  # the crop's scale (imaging.covering_size)
+    kept_height = height / cover * fitted_height / original_height
+    kept_width = width / cover * fitted_width / original_width
+    return (top + (fitted_height - kept_height) / 2, left + (fitted_width - kept_width) / 2, kept_height, kept_width)
+
+
 def write_plot(path: str, pairs: list[Pair]) -> None:
-    """Source / shard pairs side by side, captioned with their class names, three pairs per row.
+    """Each film whole with the part the resize keeps boxed, then its source / shard pair, captioned
+    with their class names, three per row.
 
     Drawn with Pillow rather than matplotlib: a grid of images with captions needs no axes, and
     matplotlib's figure took ~1 s per shard run (a quarter of the stage on 2,000 images).
-    A pair whose stored label differs from the manifest's is captioned in red.
+    A pair whose stored label differs from the manifest's is captioned in red; the kept part's box
+    is drawn in orange, so what lies outside it is what the shards lose.
     """
     pairs = pairs[:_MAX_PAIRS_DRAWN]
     font = ImageFont.load_default(size=_FONT_PX)
@@ -164,15 +189,15 @@ def write_plot(path: str, pairs: list[Pair]) -> None:
     scale = _CELL_PX / max(cell_height, cell_width)  # every shard size is drawn at one readable size
     cell_height, cell_width = max(1, round(cell_height * scale)), max(1, round(cell_width * scale))
     per_row = 3
-    pair_width = 2 * cell_width + _GAP_PX
+    pair_width = 3 * cell_width + 2 * _GAP_PX
     block_height = 2 * line + cell_height
     num_rows = max(1, math.ceil(len(pairs) / per_row))
     top = 2 * line
     canvas = Image.new("RGB", (_MARGIN_PX + per_row * (pair_width + _MARGIN_PX),
                                top + num_rows * (block_height + _MARGIN_PX)), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((_MARGIN_PX, _GAP_PX), "round trip: source after resize (left) vs shard read by the input pipeline "
-              "(right)", fill="black", font=font)
+    draw.text((_MARGIN_PX, _GAP_PX), "round trip: the whole film, what the resize keeps boxed (left); source after "
+              "resize (middle) vs shard read by the input pipeline (right)", fill="black", font=font)
     if not pairs:
         draw.text((_MARGIN_PX, top), "no images to compare", fill="black", font=font)
     for index, pair in enumerate(pairs):
@@ -180,16 +205,32 @@ def write_plot(path: str, pairs: list[Pair]) -> None:
         x = _MARGIN_PX + column * (pair_width + _MARGIN_PX)
         y = top + row * (block_height + _MARGIN_PX)
         colour = "black" if pair.class_name == pair.stored_class_name else "red"
+        film = pair.film if pair.film is not None else pair.source
         for offset, (image, caption) in enumerate((
-                (pair.source, (f"{pair.split}: {pair.class_name}", "source")),
+                (film, (f"{pair.split}: {pair.class_name}", pair.kept_caption)),
+                (pair.source, ("", "source")),
                 (pair.stored, (pair.stored_class_name, f"shard ({_psnr_text(pair.psnr_db)})")))):
             left = x + offset * (cell_width + _GAP_PX)
             for number, text in enumerate(caption):
                 draw.text((left, y + number * line), text, fill=colour, font=font)
             canvas.paste(_to_picture(image, cell_width, cell_height), (left, y + 2 * line))
+        if pair.kept is not None:
+            box_top, box_left, box_height, box_width = (value * scale for value in pair.kept)
+            draw.rectangle((x + box_left, y + 2 * line + box_top, x + box_left + box_width - 1,
+                            y + 2 * line + box_top + box_height - 1), outline="orange", width=2)
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG", compress_level=1)  # written once, looked at once: speed over size
     storage.write_bytes(path, buffer.getvalue())
+
+
+def kept_caption(original_height: int, original_width: int, height: int, width: int, fit: str) -> str:
+    """What `fit` keeps of a film, in words: "keeps 67 % of its width", "all kept, bars added"."""
+    source_aspect, target_aspect = original_width / original_height, width / height
+    if fit == "pad" or math.isclose(source_aspect, target_aspect, rel_tol=0.01):
+        return "film: all kept" + (", bars added" if fit == "pad" and source_aspect != target_aspect else "")
+    if source_aspect > target_aspect:
+        return f"film: keeps {target_aspect / source_aspect * 100:.0f} % of its width"
+    return f"film: keeps {source_aspect / target_aspect * 100:.0f} % of its height"
 
 
 def _to_picture(image: np.ndarray, width: int, height: int) -> Image.Image:

@@ -34,6 +34,8 @@ FEATURES = {
 }
 # Everything but the pixels: cheap to parse when only labels and paths are needed.
 METADATA_FEATURES = {key: spec for key, spec in FEATURES.items() if key != IMAGE}
+# What a training step reads: the pixels and the label.
+IMAGE_AND_LABEL_FEATURES = {key: FEATURES[key] for key in (IMAGE, LABEL)}
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,10 @@ def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
 
 def parse_metadata(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
     return tf.io.parse_single_example(serialized, METADATA_FEATURES)
+
+
+def parse_image_and_label(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    return tf.io.parse_single_example(serialized, IMAGE_AND_LABEL_FEATURES)
 
 
 def shard_name(split: str, shard_index: int, num_shards: int) -> str:

@@ -152,7 +152,7 @@ def shortcut_check(model: keras.Model, run_config: PipelineConfig, processed_dir
                                     config=run_config, with_metadata=True)
     batches = progress.track(dataset, "evaluate: grad-cam", len(labels), count=_batch_size)
     return saliency.check_test_set(model, batches, labels, probabilities, paths, saliency.read_geometry(test_shards),
-                                   CLASS_NAMES, num_images)
+                                   CLASS_NAMES, num_images, run_config.shard.fit)
 
 
 def _batch_size(batch: tuple) -> int:

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, help="training workers (pods of the train Indexed Job)")
     run.add_argument("--gpus-per-worker", type=int, help="GPUs per training worker (0: CPU-only training)")
     run.add_argument("--gpu-type", help="GKE accelerator of the GPU node pool, e.g. nvidia-l4, nvidia-tesla-t4")
+    run.add_argument("--queue", dest="queue_name", metavar="LOCALQUEUE",
+                     help="admit every Job through this Kueue LocalQueue (cluster.queue_name; see "
+                          "docs/gpus-on-gke.md): created suspended, started when quota for all its pods is there")
     run.add_argument("--run-id", help="run id shared by train and evaluate (default: a new one; reuse one to resume)")
     run.add_argument("--archive", help="the dataset zip: a local file (uploaded to <bucket>/raw/) or a gs:// URL")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -118,7 +121,8 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
             archive_local = args.archive
     config = mf.with_launch_options(
         config, bucket=args.bucket, image=args.image, namespace=args.namespace, num_workers=args.workers,
-        gpus_per_worker=args.gpus_per_worker, gpu_type=args.gpu_type, run_id=args.run_id or new_run_id())
+        gpus_per_worker=args.gpus_per_worker, gpu_type=args.gpu_type, run_id=args.run_id or new_run_id(),
+        queue_name=args.queue_name)
     if archive_local:
         archive_url = f"{config.data.root}/raw/{os.path.basename(archive_local)}"
     if archive_url:

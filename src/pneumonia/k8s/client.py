@@ -39,6 +39,13 @@ REQUIRED_ACCESS: tuple[Access, ...] = (
     Access("get", "", "serviceaccounts"),
 )
 
+# With cluster.queue_name: why a Job waits is written on its Kueue Workload, and the LocalQueue names
+# the ClusterQueue whose quota it waits for (read-only; nothing cluster-wide).
+KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta2"
+KUEUE_ACCESS: tuple[Access, ...] = (
+    Access("list", KUEUE_GROUP, "workloads"), Access("get", KUEUE_GROUP, "localqueues"),
+)
+
 # `--setup` also creates the namespace-wide objects (an admin's job, hence not in the Role).
 SETUP_ACCESS: tuple[Access, ...] = (
     Access("create", "", "serviceaccounts"), Access("patch", "", "serviceaccounts"),
@@ -72,6 +79,7 @@ class KubeClient:
         self.batch = kubernetes.client.BatchV1Api(api_client)
         self.rbac = kubernetes.client.RbacAuthorizationV1Api(api_client)
         self.authz = kubernetes.client.AuthorizationV1Api(api_client)
+        self.custom = kubernetes.client.CustomObjectsApi(api_client)
 
     def denied(self, accesses: Iterable[Access]) -> list[Access]:
         """Which of `accesses` the current user lacks (SelfSubjectAccessReview: RBAC and GKE IAM alike)."""
@@ -164,6 +172,16 @@ class KubeClient:
     def pod_events(self, pod_name: str) -> list[Any]:
         selector = f"involvedObject.kind=Pod,involvedObject.name={pod_name}"
         return list(self.core.list_namespaced_event(self.namespace, field_selector=selector).items)
+
+    def job_workloads(self, job_uid: str) -> list[dict[str, Any]]:
+        """The Kueue Workloads of a Job (Kueue labels each with its Job's uid), as plain dicts."""
+        found = self.custom.list_namespaced_custom_object(KUEUE_GROUP, KUEUE_VERSION, self.namespace, "workloads",
+                                                          label_selector=f"kueue.x-k8s.io/job-uid={job_uid}")
+        return list(found.get("items", []))
+
+    def read_local_queue(self, name: str) -> dict[str, Any] | None:
+        return _absent_as_none(lambda: self.custom.get_namespaced_custom_object(
+            KUEUE_GROUP, KUEUE_VERSION, self.namespace, "localqueues", name))
 
     def read_log(self, pod_name: str, container: str | None = None, tail_lines: int | None = None,
                  timestamps: bool = False) -> str:

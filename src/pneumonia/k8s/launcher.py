@@ -18,7 +18,7 @@ from kubernetes.client.exceptions import ApiException
 from pneumonia.config import RECORDED, PipelineConfig, declared_keys
 from pneumonia.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 from pneumonia.k8s import manifests as mf
-from pneumonia.k8s.client import REQUIRED_ACCESS, SETUP_ACCESS, KubeClient, LaunchError, api_error
+from pneumonia.k8s.client import KUEUE_ACCESS, REQUIRED_ACCESS, SETUP_ACCESS, KubeClient, LaunchError, api_error
 from pneumonia.k8s.logs import LogCursor, print_failed_log, stream_chief_log
 from pneumonia.k8s.status import (
     FollowOptions,
@@ -27,6 +27,7 @@ from pneumonia.k8s.status import (
     explain_pending,
     failure_report,
     job_state,
+    queue_reason,
     run_selector,
     stage_order,
     status_line,
@@ -101,7 +102,8 @@ class Launcher:
         return EXIT_OK
 
     def preflight(self, jobs: dict[str, dict[str, Any]], setup: bool) -> None:
-        needed = REQUIRED_ACCESS + (SETUP_ACCESS if setup else ())
+        queue = self.config.cluster.queue_name
+        needed = REQUIRED_ACCESS + (SETUP_ACCESS if setup else ()) + (KUEUE_ACCESS if queue else ())
         denied = self.client.denied(needed)
         if denied:
             raise LaunchError(f"your Kubernetes user may not {', '.join(map(str, denied))} in namespace "
@@ -111,6 +113,10 @@ class Launcher:
         if exists is False and not setup:
             raise LaunchError(f"namespace {self.client.namespace} does not exist: run once with --setup, or "
                               "kubectl apply -f manifests/00-namespace.yaml -f manifests/01-serviceaccount.yaml")
+        if queue and self.client.read_local_queue(queue) is None:
+            raise LaunchError(f"Kueue LocalQueue {queue} (cluster.queue_name) does not exist in namespace "
+                              f"{self.client.namespace}, or Kueue is not installed: apply manifests/kueue/ (see "
+                              "docs/gpus-on-gke.md), or run without --queue")
         if not setup:
             for account in sorted({mf.pod_spec(job).get("serviceAccountName", "default") for job in jobs.values()}):
                 if not self.client.service_account_exists(account):
@@ -188,6 +194,12 @@ class Launcher:
         start = options.clock()
         cursor = LogCursor()
         last_line, last_printed, explained = "", float("-inf"), {}
+        cluster_queues: dict[str, str] = {}
+        last_queued: str | None = None
+        # Like the Job's own activeDeadlineSeconds, the default limit counts from admission: a Job may
+        # wait in Kueue's queue (quota, flex-start capacity) for as long as that takes. --timeout-s is
+        # the caller's own bound, from now.
+        deadline_start = start
         while True:
             job = self.client.read_job(name)
             if job is None:
@@ -200,6 +212,12 @@ class Launcher:
             if line.rsplit("  ", 1)[0] != last_line or now - last_printed >= options.heartbeat_s:
                 self.say(line)
                 last_line, last_printed = line.rsplit("  ", 1)[0], now
+            queued = queue_reason(self.client, job, cluster_queues)
+            if queued and queued != last_queued:
+                self.say(f"[{stage}] {queued}")
+            if queued and options.timeout_s is None:
+                deadline_start = now
+            last_queued = queued
             for pod in pods:
                 if pod.status and pod.status.phase not in (None, "Pending"):
                     explained.pop(pod.metadata.name, None)
@@ -218,7 +236,7 @@ class Launcher:
                 else:
                     self.say(f"[{stage}] complete")
                 return state
-            if now - start >= limit:
+            if now - deadline_start >= limit:
                 raise LaunchError(f"[{stage}] still not finished after {duration(limit)}; it keeps running: "
                                   f"python -m pneumonia.k8s status --run-id {self.run_id}", EXIT_FAILURE)
             options.sleep(options.poll_s)

@@ -43,6 +43,9 @@ SERVICE_ACCOUNT_MANIFEST = "manifests/01-serviceaccount.yaml"
 
 UPSTREAM_WAIT_KEY = "cluster.upstream_wait_timeout_s"
 
+# Kueue admits a Job through the LocalQueue this label names (cluster.queue_name).
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_LABEL = "cloud.google.com/gke-accelerator"
 
@@ -106,7 +109,8 @@ def render_config(config: PipelineConfig) -> str:
 def with_launch_options(config: PipelineConfig, *, bucket: str | None = None, image: str | None = None,
                         namespace: str | None = None, num_workers: int | None = None,
                         gpus_per_worker: int | None = None, gpu_type: str | None = None,
-                        run_id: str | None = None, archive: str | None = None) -> PipelineConfig:
+                        run_id: str | None = None, archive: str | None = None,
+                        queue_name: str | None = None) -> PipelineConfig:
     """The config with the launcher's flags applied; `bucket` moves data.root (and an archive under it)."""
     data, cluster, train = config.data, config.cluster, config.train
     if bucket is not None:
@@ -119,7 +123,7 @@ def with_launch_options(config: PipelineConfig, *, bucket: str | None = None, im
     if archive is not None:
         data = dataclasses.replace(data, archive=archive)
     updates = {"image": image, "namespace": namespace, "num_workers": num_workers,
-               "gpus_per_worker": gpus_per_worker, "gpu_type": gpu_type}
+               "gpus_per_worker": gpus_per_worker, "gpu_type": gpu_type, "queue_name": queue_name}
     cluster = dataclasses.replace(cluster, **{key: value for key, value in updates.items() if value is not None})
     if run_id is not None:
         train = dataclasses.replace(train, run_id=run_id)
@@ -204,7 +208,8 @@ def check_gcp_service_account(objects: list[dict[str, Any]]) -> None:
 
 def build_manifests(manifests: list[dict[str, Any]], config: PipelineConfig,
                     managed_by: str | None = None) -> list[dict[str, Any]]:
-    """The manifests patched from the config (never mutated): namespace, run id, image, bucket, sizes, GPUs."""
+    """The manifests patched from the config (never mutated): namespace, run id, image, bucket, sizes, GPUs,
+    Kueue queue."""
     objects = copy.deepcopy(manifests)
     for obj in objects:
         _patch_common(obj, config, managed_by)
@@ -214,6 +219,7 @@ def build_manifests(manifests: list[dict[str, Any]], config: PipelineConfig,
         elif kind == "Service":
             _patch_service(obj, config)
         elif kind == "Job":
+            _patch_queue(obj, config)
             stage = job_stage(obj)
             if stage == "shard":
                 obj["spec"]["completions"] = obj["spec"]["parallelism"] = config.shard.num_workers
@@ -291,6 +297,18 @@ def _patch_common(obj: dict[str, Any], config: PipelineConfig, managed_by: str |
             labels[LABEL_INSTANCE] = config.train.run_id
         if managed_by and LABEL_MANAGED_BY in labels:
             labels[LABEL_MANAGED_BY] = managed_by
+
+
+def _patch_queue(job: dict[str, Any], config: PipelineConfig) -> None:
+    """cluster.queue_name decides, for every Job alike: set, the Job carries Kueue's queue label and is
+    created suspended (Kueue unsuspends it once the quota for all of its pods is admitted); empty, neither."""
+    labels = job["metadata"].setdefault("labels", {})
+    queue = config.cluster.queue_name
+    if queue:
+        labels[QUEUE_LABEL] = queue
+        job["spec"]["suspend"] = True
+    elif labels.pop(QUEUE_LABEL, None) is not None:
+        job["spec"].pop("suspend", None)
 
 
 def _patch_service(obj: dict[str, Any], config: PipelineConfig) -> None:

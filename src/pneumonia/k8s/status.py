@@ -92,7 +92,7 @@ def explain_pending(pod: Any, events: list[Any]) -> str | None:
         if event.reason in ("FailedScheduling", "NotTriggerScaleUp") and event.message:
             messages.append(event.message)
     if messages:
-        hints = _scheduling_hints(" ".join(messages))
+        hints = _scheduling_hints(messages)
         scaling = [e.message for e in events if e.reason == "TriggeredScaleUp" and e.message]
         if scaling:
             hints.append(f"the cluster autoscaler is adding a node ({scaling[-1]}); this takes minutes")
@@ -112,22 +112,119 @@ def explain_pending(pod: Any, events: list[Any]) -> str | None:
     return None
 
 
-def _scheduling_hints(message: str) -> list[str]:
+# The scheduler's summary of one attempt (kube-scheduler 1.36, as the cluster tests record it):
+#   0/7 nodes are available: 3 node(s) didn't match Pod's node affinity/selector, 4 Insufficient
+#   nvidia.com/gpu. no new claims to deallocate, preemption: 0/7 nodes are available: 7 Preemption ...
+# One count per reason, over every node; the summary ends at the first ". " (reasons hold dots, as in
+# nvidia.com/gpu, but never a dot and a space).
+_UNSCHEDULABLE = re.compile(r"0/(?P<total>\d+) nodes are available: (?P<reasons>.*?)\.(?:\s|$)")
+_REASON = re.compile(r"(?:^|, )(?P<count>\d+) (?P<reason>.+?)(?=, \d+ |$)")
+
+
+def node_reasons(message: str) -> tuple[int, dict[str, int]] | None:
+    """(nodes, {reason: nodes it excluded}) from a scheduler message, or None if it is not one."""
+    found = _UNSCHEDULABLE.search(message)
+    if found is None:
+        return None
+    reasons = {match["reason"]: int(match["count"]) for match in _REASON.finditer(found["reasons"])}
+    return int(found["total"]), reasons
+
+
+def _scheduling_hints(messages: list[str]) -> list[str]:
+    """Hints from the scheduler's (and autoscaler's) messages, with the number of nodes each reason
+    excluded when the scheduler's summary gives it."""
+    text = " ".join(messages)
+    summary = next(filter(None, map(node_reasons, messages)), None)
+
+    def excluded(*fragments: str) -> int:
+        return sum(count for reason, count in summary[1].items()
+                   if any(fragment in reason for fragment in fragments)) if summary else 0
+
+    def on(fragment: str) -> str:
+        return f" ({excluded(fragment)} of {summary[0]} nodes)" if summary and excluded(fragment) else ""
+
     hints = []
-    if f"Insufficient {mf.GPU_RESOURCE}" in message:
-        hints.append(f"not enough free {mf.GPU_RESOURCE}: the GPU node pool is full, at its maximum size, "
-                     "out of regional GPU quota, or still scaling up")
-    if "untolerated taint" in message:
-        hints.append("nodes carry a taint the pod does not tolerate (see the taints the scheduler lists)")
-    if "node affinity/selector" in message or "node(s) didn't match" in message:
+    if f"Insufficient {mf.GPU_RESOURCE}" in text:
+        hints.append(f"not enough free {mf.GPU_RESOURCE}{on(f'Insufficient {mf.GPU_RESOURCE}')}: the GPU node pool "
+                     "is full, at its maximum size, out of regional GPU quota, or still scaling up")
+    if "untolerated taint" in text:
+        # kube-scheduler 1.36 no longer names the taint ("had untolerated taint(s)"): say where to look.
+        hints.append(f"nodes carry a taint the pod does not tolerate{on('untolerated taint')}; `kubectl describe "
+                     f"nodes` lists them (GKE taints GPU nodes {mf.GPU_RESOURCE}=present:NoSchedule, which only pods "
+                     f"requesting {mf.GPU_RESOURCE} tolerate)")
+    # The nodes of other pools never match a GPU pod's selector: a cause only when no node matches it.
+    selector = ("node affinity/selector", "node(s) didn't match")
+    if excluded(*selector) == summary[0] if summary else any(fragment in text for fragment in selector):
         hints.append(f"no node has the pod's node labels: is there a node pool with the GPU type "
                      f"({mf.GPU_NODE_LABEL}) the run asks for? (--gpu-type)")
     for resource in ("cpu", "memory", "ephemeral-storage"):
-        if f"Insufficient {resource}" in message:
-            hints.append(f"no node has enough free {resource} for the pod's requests")
-    if "max node group size reached" in message or "max cluster" in message:
+        if f"Insufficient {resource}" in text:
+            hints.append(f"not enough free {resource} for the pod's requests{on(f'Insufficient {resource}')}")
+    if "max node group size reached" in text or "max cluster" in text:
         hints.append("the autoscaler reached the node pool's maximum size")
     return hints or ["the scheduler found no node (message below)"]
+
+
+# Kueue's words when a Job's pods cannot all fit (pkg/scheduler/flavorassigner/flavorassigner.go, v0.19).
+_NO_FIT = re.compile(r"insufficient quota for (?P<resource>\S+) in flavor (?P<flavor>\S+), previously considered "
+                     r"podsets requests \((?P<before>[^)]*)\) \+ current podset request \((?P<request>[^)]*)\) > "
+                     r"maximum capacity \((?P<capacity>[^)]*)\)")
+_IN_USE = re.compile(r"insufficient unused quota for (?P<resource>\S+) in flavor (?P<flavor>\S+), (?P<more>\S+) more needed")
+
+
+def explain_queued(workload: dict[str, Any] | None, cluster_queue: str = "") -> str | None:
+    """Why Kueue has not started a Job, in one line, from its Workload's own conditions and admission
+    checks; None once it is admitted (or finished). `cluster_queue` names the queue in the message."""
+    if workload is None:
+        return "waiting for Kueue to create its Workload (is Kueue running, and the LocalQueue there?)"
+    status = workload.get("status") or {}
+    conditions = {c["type"]: c for c in status.get("conditions") or []}
+    true = {kind for kind, c in conditions.items() if c.get("status") == "True"}
+    if "Finished" in true or "Admitted" in true:
+        return None
+    where = f"ClusterQueue {cluster_queue}" if cluster_queue else "its ClusterQueue"
+    evicted = conditions.get("Evicted") if "Evicted" in true else None
+    after = (f" (evicted before: {evicted.get('reason')}: {evicted.get('message')})" if evicted else "")
+    if "QuotaReserved" in true:
+        for check in status.get("admissionChecks") or []:
+            if check.get("state") in ("Pending", "Retry"):
+                message = f": {check['message']}" if check.get("message") else ""
+                return (f"waiting for capacity (flex-start): quota reserved in {where}, admission check "
+                        f"{check['name']} {check['state']}{message}; the Job starts once every node is there{after}")
+        return None
+    quota = conditions.get("QuotaReserved")
+    message = (quota or {}).get("message") or ""
+    no_fit = list(_NO_FIT.finditer(message))
+    if no_fit:
+        # Several flavors may have been tried: name the one that came closest, GPUs first.
+        gpu = [match for match in no_fit if match["resource"] == mf.GPU_RESOURCE] or no_fit
+        best = max(gpu, key=lambda match: mf.quantity_value(match["capacity"]))
+        return (f"waiting for quota: {best['request']} {best['resource']} requested, {best['capacity']} available "
+                f"in {where} (flavor {best['flavor']}): the Job starts only when all of its pods fit{after}")
+    in_use = _IN_USE.search(message)
+    if in_use:
+        return (f"waiting for quota: {in_use['more']} more {in_use['resource']} needed in {where} (flavor "
+                f"{in_use['flavor']}), in use by other Workloads{after}")
+    if message:
+        return f"waiting for Kueue: {message}{after}"
+    return f"waiting for Kueue to admit it in {where}{after}"
+
+
+def queue_reason(client: KubeClient, job: Any, cluster_queues: dict[str, str]) -> str | None:
+    """explain_queued for a Job that Kueue admits (None for other Jobs); `cluster_queues` caches each
+    LocalQueue's ClusterQueue name across polls."""
+    queue = (job.metadata.labels or {}).get(mf.QUEUE_LABEL)
+    if not queue or job_state(job).done:
+        return None
+    if queue not in cluster_queues:
+        local_queue = client.read_local_queue(queue)
+        if local_queue is None:
+            return (f"LocalQueue {queue} does not exist in namespace {client.namespace}: Kueue will not admit the "
+                    "Job (apply manifests/kueue/, see docs/gpus-on-gke.md)")
+        cluster_queues[queue] = local_queue.get("spec", {}).get("clusterQueue", "")
+    workloads = client.job_workloads(job.metadata.uid)
+    newest = max(workloads, key=lambda w: w["metadata"].get("creationTimestamp", ""), default=None)
+    return explain_queued(newest, cluster_queues[queue])
 
 
 def failed_container(pod: Any) -> tuple[str, int, str, str] | None:
@@ -301,11 +398,15 @@ def show_status(client: KubeClient, run_id: str | None, out: TextIO = sys.stdout
             print(f"{owner}: {', '.join(stages)}", file=out)
         return EXIT_OK
     worst = EXIT_OK
+    cluster_queues: dict[str, str] = {}
     for job in sorted(jobs, key=stage_order):
         stage = (job.metadata.labels or {}).get(mf.LABEL_COMPONENT, job.metadata.name)
         pods = client.list_pods(f"{mf.LABEL_JOB_NAME}={job.metadata.name}")
         state = job_state(job)
         print(status_line(stage, job, pods, state, _age(job)), file=out)
+        queued = queue_reason(client, job, cluster_queues)
+        if queued:
+            print(f"  {queued}", file=out)
         for pod in pods:
             reason = explain_pending(pod, client.pod_events(pod.metadata.name))
             if reason:

@@ -8,7 +8,7 @@ Serving, Vertex AI, KServe's TensorFlow runtime):
     outputs: probabilities  tf.float32 [None, 3] calibrated, in CLASS_NAMES order
              class          tf.string [None]     the most probable class name
 
-It decodes, resizes and pads in the graph with the shard stage's own function, then stores and
+It decodes, resizes and crops or pads (shard.fit) in the graph with the shard stage's own function, then stores and
 reads back the pixels as the run's shards do (imaging.model_input), so a served file becomes the
 very input the model trained on and evaluate scored. Servers base64-decode inputs named `*_bytes`
 sent as {"b64": ...}.
@@ -53,8 +53,9 @@ def serving_function(model: keras.Model, temperature: float, shard: ShardConfig)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_KEY)])
     def serve(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
-        images = tf.map_fn(lambda one: imaging.model_input(one, height, width, channels, shard.encoding), image_bytes,
-                           fn_output_signature=tf.TensorSpec([height, width, channels], tf.float32))
+        images = tf.map_fn(lambda one: imaging.model_input(one, height, width, channels, shard.encoding,
+                                                           fit=shard.fit),
+                           image_bytes, fn_output_signature=tf.TensorSpec([height, width, channels], tf.float32))
         probabilities = apply_temperature(model(images, training=False), temperature)
         return {"probabilities": probabilities, "class": tf.gather(class_names, tf.argmax(probabilities, axis=1))}
 
