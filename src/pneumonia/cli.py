@@ -24,10 +24,6 @@ from pneumonia.errors import (
 )
 from pneumonia.logs import configure_logging, get_logger
 
-# Every stage imports TensorFlow; jobs/*.py import this module first, so it is imported here, with
-# its start-up chatter filtered (pneumonia.tf_startup). Nothing above imports it.
-tf_startup.import_tensorflow()
-
 
 def parse_args(stage: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"jobs/{stage}.py", description=f"Run the {stage} stage.")
@@ -52,8 +48,12 @@ def exit_on_sigterm_while_loading() -> None:
     GPU until the SIGKILL after the grace period: exit 137, which also spends a retry wherever the Job
     controller still counts the pod (one deleted without a DisruptionTarget condition). With this, it
     exits 143 at once: nothing has started, so nothing is lost. run_stage then installs the handler
-    for the work itself."""
+    for the work itself.
+
+    Then it loads TensorFlow, which every stage imports, with its start-up chatter filtered
+    (pneumonia.tf_startup): the stage module imported next finds it loaded."""
     signal.signal(signal.SIGTERM, _exit_preempted)
+    tf_startup.import_tensorflow()
 
 
 def _exit_preempted(signum: int, frame: object) -> None:

@@ -10,8 +10,9 @@ the device discovery only, drops those known lines, passes every other line on u
 error still shows, in order), and keeps why no GPU was found for the one line the trainer logs
 (`cluster.make_strategy`: "no GPU found: training on the CPU").
 
-Called by the stage entrypoints' shared start-up (`pneumonia.cli`) before any module imports
-TensorFlow; a no-op once TensorFlow is imported.
+Called by the stage entrypoints' shared start-up (`pneumonia.cli.exit_on_sigterm_while_loading`,
+which jobs/*.py call before they import their stage), after the SIGTERM handler is in place; a no-op
+once TensorFlow is imported.
 """
 
 from __future__ import annotations
