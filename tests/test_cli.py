@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from pneumonia.cli import new_run_id, run_stage
-from pneumonia.config import PipelineConfig
+from pneumonia.cli import run_stage
+from pneumonia.config import PipelineConfig, new_run_id
 from pneumonia.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, BadInputError, UpstreamMissingError
 
 RUN_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{4}$")

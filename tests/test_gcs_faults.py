@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gcs_faults import FaultPlan
+from structlog.testing import capture_logs
 from test_train import PYTHON, REPO, TINY, subprocess_env
 
 from pneumonia import storage
@@ -37,6 +38,10 @@ PIPELINE_ARGS = [*TINY, "train.epochs=1", "train.warmup_epochs=0"]
 # the status query after it does not: the emulator then stores that shard empty. The draws are
 # keyed by request (gcs_faults.FaultPlan), and shard uploads come from one thread, in order.
 SHARD_FAULT_SEED = 0
+# With this seed and rate 0.5, only upload PUTs failing, the first three uploads meet a 503 and the
+# status query after each does not: each ends as a complete EMPTY object that TF reports as written.
+# The fourth upload goes through.
+EMPTY_THRICE_SEED = 235
 
 
 def run_stage(name: str, args: list[str], env: dict[str, str], timeout_s: int) -> subprocess.CompletedProcess:
@@ -88,6 +93,28 @@ def test_both_clients_meet_the_faults_and_they_are_counted(gcs_emulator, gcs_roo
     blob.upload_from_string(b"x")
     assert storage.read_bytes(f"{gcs_root}/object") == b"x"
     assert gcs_emulator.injected() == before
+
+
+def test_a_file_stored_empty_three_times_is_written_again_after_a_pause_until_stored(  # noqa: ANN001
+        gcs_emulator, gcs_root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sequence that failed the evaluate stage (issue 19): report.md stored empty by three writes in a
+    row, each checked at once by a reread through TF's client, then StorageError ("4508 bytes written,
+    0 stored"). Now each check is one metadata request (size, CRC32C), and rewrites wait 1, 2, 4 x the
+    backoff, so storage that fails a burst of uploads is given time."""
+    monkeypatch.setattr(storage, "REWRITE_BACKOFF_S", 0.01, raising=False)
+    data = b"# report\n" + b"x" * 4498 + b"\n"
+    path = f"{gcs_root}/report/report.md"
+    with capture_logs() as logged, gcs_emulator.faults(seed=EMPTY_THRICE_SEED, rate=0.5, kinds={"503": 1},
+                                                       only="PUT /upload/") as counts:
+        storage.write_bytes(path, data)
+    assert counts == {"503 tensorflow": 3}, counts
+    differs = [e for e in logged if e["event"].startswith("stored file differs")]
+    assert [(e["attempt"], e["bytes_written"], e["bytes_stored"]) for e in differs] == \
+        [(1, 4508, 0), (2, 4508, 0), (3, 4508, 0)]
+    assert [e["next_write_in_s"] for e in differs] == [0.01, 0.02, 0.04]
+    bucket, name = storage.split_gcs(path)
+    assert storage.gcs_client().bucket(bucket).blob(name).download_as_bytes() == data  # nothing lost
+    assert storage.read_bytes(path) == data
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ SRC = REPO / "src"
 TOP_LEVEL_ROOMS = {
     # below everything: configuration, errors, logging, storage and the storage layout
     "errors": "base", "config": "base", "logs": "base", "progress": "base", "storage": "base",
-    "layout": "base", "cluster": "base", "cli": "base",
+    "layout": "base", "cluster": "base", "cli": "base", "tf_startup": "base",
     # a run's own files, shared by training and evaluation
     "weight_files": "run", "trained": "run", "hparams": "run", "run_ended": "run",
     # commands on top of every room

@@ -21,12 +21,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as keras
+from structlog.testing import capture_logs
 
+from pneumonia import progress
 from pneumonia.config import load_config
 from pneumonia.errors import EXIT_PREEMPTED, BadInputError, ConfigError, StorageError
 from pneumonia.layout import Layout
 from pneumonia.training import fit
 from pneumonia.training.callbacks import BestWeights, HistoryRecorder, read_best_weights_record, weights_sha256
+from pneumonia.training.input_position import InputPosition, start_step_variable
+from pneumonia.training.step_progress import StepProgress
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -356,18 +360,31 @@ def test_backup_every_n_steps_resumes_inside_the_epoch(tmp_path: Path):
         model._crash_at = crash_at
         seen = Seen()
         backup = ResumableBackup(str(tmp_path / "backup"), PreemptionWatch(), every_n_steps=3)
+        position = InputPosition(start_step_variable(), initial_epoch=0)
+        callbacks = [seen, backup, position, StepProgress(8, global_batch_size=8, epochs=3, position=position), Crash()]
         try:
-            model.fit(x, y, batch_size=8, epochs=3, callbacks=[seen, backup, Crash()], verbose=0)
+            model.fit(x, y, batch_size=8, epochs=3, callbacks=callbacks, verbose=0)
         except RuntimeError:
             pass
         return seen.steps
 
-    first = attempt(crash_at=(1, 5))  # 8 steps per epoch; backups after steps 2 and 5 would be at 3 and 6
-    assert first[-1] == (1, 5)
-    second = attempt(crash_at=None)
+    saved = progress.settings()
+    progress.configure(live=False, every_s=0.0, min_gap_s=0.0)  # a progress line after every step
+    try:
+        first = attempt(crash_at=(1, 5))  # 8 steps per epoch; backups after steps 2 and 5 would be at 3 and 6
+        assert first[-1] == (1, 5)
+        with capture_logs() as events:
+            second = attempt(crash_at=None)
+    finally:
+        progress._settings = saved  # noqa: SLF001 - process-wide state, put back for the next test
     # The last backup before the crash was after step 2 of epoch 1 (steps 0-2 done): resume at step 3.
     assert second[0] == (1, 3)
     assert second[-1] == (2, 7)
+    # The step progress of the resumed epoch counts on from there (4 of 8 after its first step), not from 0.
+    steps = [(e["task"], e["done"], e["percent"]) for e in events if e.get("task", "").startswith("train epoch")]
+    assert steps[0] == ("train epoch 2/3", 4, 50.0), steps
+    assert [done for task, done, _ in steps if task == "train epoch 2/3"] == [4, 5, 6, 7, 8]
+    assert [done for task, done, _ in steps if task == "train epoch 3/3"] == list(range(1, 9))
 
 
 @pytest.mark.slow

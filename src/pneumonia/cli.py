@@ -6,14 +6,12 @@
 from __future__ import annotations
 
 import argparse
-import datetime
-import secrets
 import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from pneumonia import cluster
-from pneumonia.config import PipelineConfig, load_config
+from pneumonia import cluster, tf_startup
+from pneumonia.config import PipelineConfig, load_config, new_run_id
 from pneumonia.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -36,11 +34,6 @@ def parse_args(stage: str, argv: Sequence[str] | None = None) -> argparse.Namesp
     return parser.parse_args(argv)
 
 
-def new_run_id() -> str:
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
-    return f"{stamp}-{secrets.token_hex(2)}"
-
-
 def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
 
@@ -52,8 +45,12 @@ def exit_on_sigterm_while_loading() -> None:
     GPU until the SIGKILL after the grace period: exit 137, which also spends a retry wherever the Job
     controller still counts the pod (one deleted without a DisruptionTarget condition). With this, it
     exits 143 at once: nothing has started, so nothing is lost. run_stage then installs the handler
-    for the work itself."""
+    for the work itself.
+
+    Then it loads TensorFlow, which every stage imports, with its start-up chatter filtered
+    (pneumonia.tf_startup): the stage module imported next finds it loaded."""
     signal.signal(signal.SIGTERM, _exit_preempted)
+    tf_startup.import_tensorflow()
 
 
 def _exit_preempted(signum: int, frame: object) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pneumonia import tf_startup
 from pneumonia.config import ClusterConfig
 from pneumonia.errors import BadInputError, ConfigError
 from pneumonia.logs import get_logger
@@ -288,6 +289,9 @@ def make_strategy(config: ClusterConfig) -> tuple[Any, ClusterSpec]:
 
     spec = configure_from_indexed_job(config)
     gpus = num_gpus()
+    if not gpus:  # said once, here, instead of TensorFlow's CUDA errors at start-up (tf_startup)
+        reason = tf_startup.no_gpu_reason()
+        log.info("no GPU found: training on the CPU", **({"reason": reason} if reason else {}))
     if spec.is_multi_worker:
         name = communication(gpus)
         log.info("forming the cluster", num_workers=spec.num_workers, task_index=spec.task_index, communication=name)

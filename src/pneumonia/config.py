@@ -7,7 +7,9 @@ YAML file fails before any work starts instead of silently running with a defaul
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import re
+import secrets
 import types
 import typing
 from dataclasses import dataclass, field
@@ -441,3 +443,9 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def new_run_id() -> str:
+    """A fresh train.run_id: the UTC start time and 4 random hex digits (runs started in one second differ)."""
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{secrets.token_hex(2)}"

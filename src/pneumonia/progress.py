@@ -61,22 +61,24 @@ class Progress:
     """Counts work done towards `total` and reports it as the configured mode says.
 
     `unit` names what is counted; `rate_unit` and `rate_scale` report the rate in other units
-    (training counts steps and reports images/s: rate_scale = images per step).
+    (training counts steps and reports images/s: rate_scale = images per step). `start`: units
+    already done before this process began (a resumed epoch); they count toward `total`, not the rate.
     """
 
     def __init__(self, what: str, total: int | None, *, unit: str = "images", rate_unit: str | None = None,
-                 rate_scale: float = 1.0, **fields: Any) -> None:
+                 rate_scale: float = 1.0, start: int = 0, **fields: Any) -> None:
         self.what = what
         self.total = total
         self.unit = unit
         self.rate_unit = rate_unit or unit
         self.rate_scale = rate_scale
         self.fields = fields  # extra context on every log line (e.g. the epoch)
-        self.done = 0
+        self.done = start
+        self._done_at_start = start
         self._settings = _settings
         self._start = self._settings.clock()
         self._last_report = self._start
-        self._last_done = 0
+        self._last_done = start
         self._closed = False
 
     def __enter__(self) -> Progress:
@@ -105,7 +107,7 @@ class Progress:
     def snapshot(self, now: float) -> dict[str, Any]:
         """done, total, percent, rate (rate_unit per second since the start) and eta_s, rounded for logs."""
         elapsed = max(now - self._start, 1e-9)
-        rate = self.done / elapsed
+        rate = (self.done - self._done_at_start) / elapsed
         values: dict[str, Any] = {"done": self.done, "total": self.total, "unit": self.unit,
                                   f"{self.rate_unit}_per_s": round(rate * self.rate_scale, 1),
                                   "elapsed_s": round(now - self._start, 1)}

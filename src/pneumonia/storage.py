@@ -27,8 +27,11 @@ log = get_logger(__name__)
 
 GCS_SCHEME = "gs://"
 _CHUNK = 8 * 1024 * 1024
-# Writes of a file whose stored bytes differ from what was written, before giving up (StorageError).
-WRITE_ATTEMPTS = 3
+# Writes of a file whose stored bytes differ from what was written, before giving up (StorageError),
+# and the pause before the n-th rewrite (REWRITE_BACKOFF_S * 2**(n-1), so 1, 2, 4 s): storage that
+# just failed one upload is given time, as every retrying client does, instead of three writes in 3 s.
+WRITE_ATTEMPTS = 4
+REWRITE_BACKOFF_S = 1.0
 
 
 def is_gcs(path: str) -> bool:
@@ -132,22 +135,19 @@ def atomic_path(path: str) -> Iterator[str]:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    """Atomic write: temp name, then move; then read back, and rewritten (bounded) if the bytes differ.
+    """Atomic write: temp name, then move; then checked, and rewritten (bounded, with backoff) if it differs.
 
     A GCS upload that met a 503 can end as a complete but empty object without any error reaching
-    the writer; markers and manifests are small, so checking each costs one read.
+    the writer. The check asks the storage itself, once, for what it holds (gs://: the object's size
+    and CRC32C in one metadata request of google-cloud-storage; locally: the file's size): a reread
+    through TensorFlow's gs:// client could be answered from its stat cache (5 s).
     """
-    for attempt in range(1, WRITE_ATTEMPTS + 1):
-        with atomic_path(path) as temp:
-            with tf.io.gfile.GFile(temp, "wb") as handle:
-                handle.write(data)
-        stored = read_bytes(path)
-        if stored == data:
-            return
-        log.warning("stored file differs from what was written; rewriting it", path=path, attempt=attempt,
-                    bytes_written=len(data), bytes_stored=len(stored))
-    raise StorageError(f"{path} still differs from what was written after {WRITE_ATTEMPTS} writes "
-                       f"({len(data)} bytes written, {len(stored)} stored); the storage is failing: retry later")
+    _write_checked(path, lambda temp: _write_file(temp, data), (len(data), crc32c(data)), "what was written")
+
+
+def _write_file(path: str, data: bytes) -> None:
+    with tf.io.gfile.GFile(path, "wb") as handle:
+        handle.write(data)
 
 
 def write_text(path: str, text: str) -> None:
@@ -159,29 +159,44 @@ def write_json(path: str, payload: Any) -> None:
 
 
 def copy_from_local(local_path: str, path: str) -> None:
-    """Copies a local file to `path` atomically, then checks the stored size (and CRC32C on gs://)
-    with one request, and copies again (bounded) if it differs: as write_bytes, for files made locally
-    (h5py writes only local files)."""
+    """Copies a local file to `path` atomically, checked and copied again as write_bytes does (for
+    files made locally: h5py writes only local files)."""
     wanted = (os.path.getsize(local_path), _crc32c_b64(local_path))
+    _write_checked(path, lambda temp: tf.io.gfile.copy(local_path, temp, overwrite=True), wanted, local_path)
+
+
+def _write_checked(path: str, write: Callable[[str], None], wanted: tuple[int, str], source: str) -> None:
+    """`write(temp)` under a temporary name, moved onto `path`; repeated while the stored (size, CRC32C)
+    differs from `wanted`, up to WRITE_ATTEMPTS times with a growing pause; then StorageError (retryable)."""
     for attempt in range(1, WRITE_ATTEMPTS + 1):
         with atomic_path(path) as temp:
-            tf.io.gfile.copy(local_path, temp, overwrite=True)
-        stored = _stored_size_and_crc32c(path)
-        if stored[0] == wanted[0] and stored[1] in (None, wanted[1]):
+            write(temp)
+        size, crc, generation = _stored_size_crc32c_generation(path)
+        if size == wanted[0] and crc in (None, wanted[1]):
+            if attempt > 1:
+                log.info("stored file matches what was written", path=path, attempt=attempt)
             return
-        log.warning("stored file differs from what was written; copying it again", path=path, attempt=attempt,
-                    bytes_written=wanted[0], bytes_stored=stored[0])
-    raise StorageError(f"{path} still differs from {local_path} after {WRITE_ATTEMPTS} copies ({wanted[0]} bytes "
-                       f"written, {stored[0]} stored); the storage is failing: retry later")
+        pause_s = REWRITE_BACKOFF_S * 2 ** (attempt - 1) if attempt < WRITE_ATTEMPTS else None
+        log.warning("stored file differs from what was written; writing it again", path=path, attempt=attempt,
+                    bytes_written=wanted[0], bytes_stored=size, crc32c_written=wanted[1], crc32c_stored=crc,
+                    generation=generation, next_write_in_s=pause_s)
+        if pause_s is not None:
+            time.sleep(pause_s)
+    raise StorageError(f"{path} still differs from {source} after {WRITE_ATTEMPTS} writes ({wanted[0]} bytes "
+                       f"written, {size} stored); the storage is failing: retry later")
 
 
-def _stored_size_and_crc32c(path: str) -> tuple[int, str | None]:
-    """(size, CRC32C) of a stored file; the CRC32C only on gs://, where GCS keeps it (one metadata request)."""
+def _stored_size_crc32c_generation(path: str) -> tuple[int, str | None, int | None]:
+    """(size, CRC32C, generation) of a stored file, -1 for the size when it is missing; gs://: one metadata
+    request, never a cache; locally the size only (a local write that fails raises)."""
     if is_gcs(path):
         bucket_name, name = split_gcs(path)
         blob = gcs_client().bucket(bucket_name).get_blob(name)
-        return (-1, None) if blob is None else (blob.size, blob.crc32c)
-    return os.path.getsize(path), None
+        return (-1, None, None) if blob is None else (blob.size, blob.crc32c, blob.generation)
+    try:
+        return os.path.getsize(path), None, None
+    except FileNotFoundError:
+        return -1, None, None
 
 
 def copy_to_local(path: str, local_path: str) -> None:

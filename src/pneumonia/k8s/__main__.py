@@ -14,8 +14,7 @@ from typing import TextIO
 
 from kubernetes.client.exceptions import ApiException
 
-from pneumonia.cli import new_run_id
-from pneumonia.config import load_config
+from pneumonia.config import load_config, new_run_id
 from pneumonia.errors import EXIT_BAD_INPUT, BadInputError
 from pneumonia.k8s import client as kc
 from pneumonia.k8s import launcher as ln

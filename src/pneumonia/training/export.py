@@ -16,9 +16,12 @@ sent as {"b64": ...}.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -66,6 +69,24 @@ def apply_calibration(probabilities: tf.Tensor, fitted: calibration.Calibration)
     return tf.nn.softmax(log_p / tf.constant(fitted.temperature, tf.float32) + bias, axis=-1)
 
 
+class _UnbuiltMetricsWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Compiled the loaded model, but the compiled metrics have yet")
+
+
+@contextlib.contextmanager
+def _without_unbuilt_metrics_warning() -> Iterator[None]:
+    """Drops tf_keras' "compiled metrics have yet to be built" warning (twice per save): the export
+    saves an uncompiled inference model on purpose, it has no metrics to build. Other warnings stay."""
+    drop = _UnbuiltMetricsWarning()
+    logger = logging.getLogger("tensorflow")  # where tf_keras logs
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def save(model: keras.Model, fitted: calibration.Calibration, shard: ShardConfig, destination: str) -> None:
     """Writes the SavedModel to `destination` (local or gs://): to a local temp folder first, then moved or copied."""
     serve = serving_function(model, fitted, shard)
@@ -77,7 +98,8 @@ def save(model: keras.Model, fitted: calibration.Calibration, shard: ShardConfig
     scratch = tempfile.mkdtemp(prefix="pneumonia-export-")
     try:
         local = os.path.join(scratch, "model")
-        model.save(local, **options)
+        with _without_unbuilt_metrics_warning():
+            model.save(local, **options)
         storage.remove_tree(destination)
         if storage.is_gcs(destination):
             # GCS has no folder rename, and a 503 mid-upload can leave an object short or empty: each

@@ -275,12 +275,12 @@ def run(config: PipelineConfig) -> dict[str, Any] | None:
             # Best weights, then the history, then the backup: a crash between two of them redoes
             # the epoch, and the history never records a best score whose weights were not saved.
             # The input's start follows the backup's restore: a resumed epoch draws what it drew before.
-            callbacks: list[keras.callbacks.Callback] = [best, history, backup,
-                                                         InputPosition(start_step, phase.start_epoch), limit]
+            position = InputPosition(start_step, phase.start_epoch)
+            callbacks: list[keras.callbacks.Callback] = [best, history, backup, position, limit]
             if spec.is_chief:
                 callbacks.append(keras.callbacks.TensorBoard(layout.tensorboard(run_id), write_graph=False,
                                                              profile_batch=0))
-            callbacks.append(StepProgress(steps, global_batch, config.train.epochs))
+            callbacks.append(StepProgress(steps, global_batch, config.train.epochs, position))
             with strategy.scope():
                 zoo.set_backbone_trainable(model, phase.backbone_trainable)
                 loss = WeightedCategoricalCrossentropy(weights) if weights else keras.losses.CategoricalCrossentropy()

@@ -31,9 +31,12 @@ class InputPosition(keras.callbacks.Callback):
         super().__init__()
         self.start_step = start_step
         self.initial_epoch = initial_epoch
+        # Where this fit call resumes, once on_train_begin has run (StepProgress counts from there).
+        self.epoch, self.step = initial_epoch, 0
 
     def on_train_begin(self, logs: Any = None) -> None:
         steps = int(self.params["steps"])
         epoch, step = self.model._maybe_load_initial_counters_from_ckpt(steps, self.initial_epoch)  # noqa: SLF001
-        self.start_step.assign(int(epoch) * steps + int(step))
-        log.info("input position", epoch=int(epoch), step=int(step))
+        self.epoch, self.step = int(epoch), int(step)
+        self.start_step.assign(self.epoch * steps + self.step)
+        log.info("input position", epoch=self.epoch, step=self.step)

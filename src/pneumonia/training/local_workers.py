@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pneumonia.cli import new_run_id
+from pneumonia.config import new_run_id
 from pneumonia.errors import EXIT_FAILURE
 from pneumonia.logs import configure_logging, get_logger
 
