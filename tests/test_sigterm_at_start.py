@@ -52,10 +52,6 @@ def _wait_until_sigterm_is_caught(pid: int, timeout_s: float = 60) -> None:
     raise AssertionError(f"the stage installed no SIGTERM handler within {timeout_s:.0f} s")
 
 
-def _tensorflow_loaded(pid: int) -> bool:
-    return "libtensorflow" in Path(f"/proc/{pid}/maps").read_text()
-
-
 @pytest.mark.skipif(not _pid_namespaces_work(), reason="this machine cannot make a PID namespace (unshare)")
 @pytest.mark.parametrize("stage", ["train", "shard", "preprocess", "evaluate"])
 def test_sigterm_while_the_stage_loads_exits_143_as_pid_1(stage: str, tmp_path: Path) -> None:
@@ -67,8 +63,9 @@ def test_sigterm_while_the_stage_loads_exits_143_as_pid_1(stage: str, tmp_path: 
     try:
         python = _child_pid(process.pid)
         _wait_until_sigterm_is_caught(python)
-        # The handler is there before TensorFlow is: the signal lands inside the seconds it takes to load.
-        assert not _tensorflow_loaded(python)
+        # The handler is installed just before TensorFlow starts loading, so the signal lands inside the
+        # seconds that loading takes. (Whether libtensorflow is mapped yet at this instant is a race on
+        # busy cores, so it is not asserted.)
         os.kill(python, signal.SIGTERM)
         output, _ = process.communicate(timeout=120)
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 
 import bed
@@ -14,10 +13,10 @@ import pytest
 def pod_bed(kube_cluster, tmp_path_factory: pytest.TempPathFactory,  # noqa: ANN001
             request: pytest.FixtureRequest) -> Iterator[bed.PodNetworkBed]:
     """The kubelet stand-in and the GCS stand-in on the pods' network, for one test module. The image is
-    built when missing (CI builds it first with `make image-test`). While it lives, os.environ reaches
-    the bucket stand-in (tests copy data in through TensorFlow's gs:// client)."""
-    if subprocess.run(["podman", "image", "exists", bed.IMAGE], timeout=60, check=False).returncode != 0:
-        bed.build_image()
+    built from this checkout every time (cached layers: seconds when `make image-test` just built it),
+    so a test never runs an older tree's code. While it lives, os.environ reaches the bucket stand-in
+    (tests copy data in through TensorFlow's gs:// client)."""
+    bed.build_image()
     testbed = bed.PodNetworkBed(str(kube_cluster.kubeconfig), tmp_path_factory.mktemp("pod-bed"),
                                 network=f"pneumonia-pods-{os.getpid()}", bucket="pneumonia-pods",
                                 # the module's own namespaces: other stand-ins may share the control plane
