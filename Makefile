@@ -126,7 +126,14 @@ cluster-local-launcher: setup cluster-up ## The same with the launcher: `make tr
 cluster-test: setup ## Run the tests against a real control plane (one of their own, or PNEUMONIA_TEST_CLUSTER=name)
 	tests/cluster/build.sh >/dev/null
 	tests/cluster/build-kueue.sh >/dev/null
-	$(PY) -m pytest -m cluster $(PYTEST_ARGS)
+	$(PY) -m pytest -m cluster --ignore=tests/cluster/test_job_faults.py $(PYTEST_ARGS)
+
+# Not yet in CI: each case trains two workers in containers (about 10 minutes on 2 busy cores), and
+# only the SIGKILL case has been seen to pass (docs/cluster-local.md says what is proven).
+.PHONY: cluster-faults
+cluster-faults: setup ## The fault matrix through the real Job controller, pods as podman containers (root; slow)
+	tests/cluster/build.sh >/dev/null
+	$(PY) -m pytest -p no:xdist tests/cluster/test_job_faults.py $(PYTEST_ARGS)
 
 .PHONY: image-test
 image-test: setup ## Build the image on a stand-in base (podman, mmdebstrap; root) and run every stage in it as the pods do
