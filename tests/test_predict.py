@@ -61,8 +61,9 @@ def test_cli_prints_one_json_line_per_image(trained_run, image_folder):
     images = np.stack([imaging.model_input(tf.constant(Path(p).read_bytes()), shard.image_height, shard.image_width,
                                            shard.channels, shard.encoding, fit=shard.fit).numpy()
                        for p in expected_paths])
-    temperature = calibration.load_temperature(Layout.of(trained_run.config), RUN_ID)
-    want = calibration.apply_temperature(trained_run.model(images, training=False).numpy(), temperature)
+    # The run's whole calibration (the class-weight prior correction and T), as the report applies it.
+    fitted = calibration.load_calibration(Layout.of(trained_run.config), RUN_ID)
+    want = fitted.apply(trained_run.model(images, training=False).numpy())
     for row, expected in zip(rows, want, strict=True):
         assert list(row["probabilities"]) == list(CLASS_NAMES)
         values = np.array(list(row["probabilities"].values()))

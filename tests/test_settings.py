@@ -31,7 +31,9 @@ BEFORE_RESUME_MAY_CHANGE = {
     "cluster.upstream_wait_timeout_s", "cluster.peer_wait_timeout_s", "cluster.image", "cluster.gpu_type",
     "cluster.namespace", "cluster.train_job_name", "cluster.train_service_name", "cluster.worker_port",
     # Added since, declared FREE where they were added: how often workers agree on a stop, what evaluate draws.
-    "train.preemption_check_every_n_steps", "report.saliency_images"}
+    "train.preemption_check_every_n_steps", "report.saliency_images",
+    # Where a run's Jobs queue (Kueue) and how often a lost peer is forgiven: neither changes what is trained.
+    "cluster.queue_name", "cluster.max_forgiven_restarts"}
 BEFORE_LAUNCHER_IGNORES = {"cluster.image"}
 BEFORE_INTERIM = {"data.max_uncompressed_bytes", "data.max_compression_ratio", "data.max_entries",
                   "data.max_entry_bytes", "split.mode", "split.seed", "split.val_fraction", "split.test_fraction",
