@@ -183,7 +183,9 @@ def test_a_worker_killed_at_every_start_fails_the_job_on_its_index_alone(train_r
                 jobs.signal_container(run.testbed, pod, "KILL")  # like an OOM kill at the first step
                 killed.add(name)
 
-    assert run.wait_end(4 * START_TIMEOUT_S, kill_index_1_once_it_trains) == ("Failed", "FailedIndexes"), run.summary()
+    ended = run.wait_end(4 * START_TIMEOUT_S, kill_index_1_once_it_trains)
+    # maxFailedIndexes is 0: kube-controller-manager 1.36 names the reason MaxFailedIndexesExceeded.
+    assert ended == ("Failed", "MaxFailedIndexesExceeded"), run.summary()
     pods, status = run.pods(), run.status()
     limit = jobs.job(run.kubeconfig, run.namespace, TRAIN)["spec"]["backoffLimitPerIndex"]
     # Counted: index 1's limit + 1 failures (the survivor's peer-lost exits are ignored).
@@ -215,7 +217,7 @@ def test_a_partition_that_never_heals_fails_the_job_and_evaluate_says_why(train_
     _ENDED.json, and evaluate, waiting for the run as under `kubectl apply`, exits 2 with the reason."""
     run = train_run("partition", sets=("cluster.max_forgiven_restarts=1",), stages=("train", "evaluate"),
                     train_args=PEERS_NEVER_ANSWER)
-    assert run.wait_end(4 * START_TIMEOUT_S) == ("Failed", "FailedIndexes"), run.summary()
+    assert run.wait_end(4 * START_TIMEOUT_S) == ("Failed", "MaxFailedIndexesExceeded"), run.summary()
     status = run.status()
     failed_index = int(status["failedIndexes"].split(",")[0])
     attempts = run.pods()[failed_index]
