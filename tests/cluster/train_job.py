@@ -26,12 +26,13 @@ INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 FAILURE_COUNT = "batch.kubernetes.io/job-index-failure-count"
 IGNORED_COUNT = "batch.kubernetes.io/job-index-ignored-failure-count"
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
-# The test suite's tiny model and images (tests/test_train.py TINY), two epochs, a stop agreed every
+# The test suite's tiny model and images (tests/test_train.py TINY), four epochs (a fault done in
+# epoch 1 must land before the run ends: an epoch is a few steps), a stop agreed every
 # 2 steps so a SIGTERM lands mid-epoch.
 TINY = [
     "shard.image_height=32", "shard.image_width=32", "shard.channels=1", "shard.min_shards_per_split=2",
     "split.val_fraction=0.2", "model.name=small_cnn", "model.weights=none", "model.input_size=32",
-    "model.dense_units=[16]", "train.epochs=2", "train.warmup_epochs=0", "train.per_replica_batch_size=8",
+    "model.dense_units=[16]", "train.epochs=4", "train.warmup_epochs=0", "train.per_replica_batch_size=8",
     "train.shuffle_buffer=64", "train.preemption_check_every_n_steps=2",
     "cluster.peer_wait_timeout_s=120", "cluster.upstream_wait_timeout_s=60",
 ]
