@@ -128,8 +128,8 @@ cluster-test: setup ## Run the tests against a real control plane (one of their 
 	tests/cluster/build-kueue.sh >/dev/null
 	$(PY) -m pytest -m cluster --ignore=tests/cluster/test_job_faults.py $(PYTEST_ARGS)
 
-# Not yet in CI: each case trains two workers in containers (about 10 minutes on 2 busy cores), and
-# only the SIGKILL case has been seen to pass (docs/cluster-local.md says what is proven).
+# Not yet in CI: the five cases take about 17 minutes on 2 busy cores (two workers in containers
+# each); each has passed once on the real controller, not yet often enough to call them stable.
 .PHONY: cluster-faults
 cluster-faults: setup ## The fault matrix through the real Job controller, pods as podman containers (root; slow)
 	tests/cluster/build.sh >/dev/null
