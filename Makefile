@@ -128,8 +128,8 @@ cluster-test: setup ## Run the tests against a real control plane (one of their 
 	tests/cluster/build-kueue.sh >/dev/null
 	$(PY) -m pytest -m cluster --ignore=tests/cluster/test_job_faults.py $(PYTEST_ARGS)
 
-# Not yet in CI: the five cases take about 17 minutes on 2 busy cores (two workers in containers
-# each); each has passed once on the real controller, not yet often enough to call them stable.
+# Apart from cluster-test because of its time: the five cases take about 17 minutes on 2 cores (two
+# workers in containers each). CI runs both (.ci/run).
 .PHONY: cluster-faults
 cluster-faults: setup ## The fault matrix through the real Job controller, pods as podman containers (root; slow)
 	tests/cluster/build.sh >/dev/null

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 from pneumonia.config import load_config
 from pneumonia.data import demo, pipeline
@@ -72,6 +73,17 @@ def known_answers(archive: Path) -> dict[str, Any]:
             "ideal_confidence": 1.0 - float(truth["label_noise"]), "num_moved": truth["num_moved"]}
 
 
+def val_best_accuracy(archive: Path, layout: Layout) -> float:
+    """The share of the run's val films not moved: what a perfect calibration fitted on val says.
+    val is drawn from the archive's train and val folders; a film is matched by (folder, file name):
+    preprocess names it <folder>__<file name>."""
+    truth = json.loads(Path(demo.truth_path(str(archive))).read_text())
+    moved = {(film["path"].split("/")[1], film["path"].rsplit("/", 1)[-1]): film["moved"] for film in truth["films"]}
+    rows = json.loads(Path(layout.split_manifest).read_text())["rows"]
+    val = [moved[tuple(row["path"].rsplit("/", 1)[-1].split("__", 1))] for row in rows if row["split"] == "val"]
+    return float(1.0 - np.mean(val))
+
+
 def raw_predictions(root: Path, extra: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
     """{split: (labels, raw probabilities, patients)} for val and test, from the run's best weights."""
     config = load_config(str(CONFIG), [f"data.root={root}", f"train.run_id={RUN_ID}",
@@ -90,9 +102,11 @@ def raw_predictions(root: Path, extra: list[str]) -> dict[str, tuple[np.ndarray,
 
 def score(labels: np.ndarray, probabilities: np.ndarray, patients: list[str]) -> dict[str, Any]:
     ece = uncertainty.ece_estimate(labels, probabilities, patients)
+    # The macro one-vs-rest AUC: a calibration that tied films the model told apart would lower it.
+    auc = roc_auc_score(labels, probabilities, multi_class="ovr", average="macro", labels=[0, 1, 2])
     return {"accuracy": float(np.mean(probabilities.argmax(axis=1) == labels)),
             "mean_confidence": float(probabilities.max(axis=1).mean()), "ece": ece["plain"],
-            "ece_debiased": ece["debiased"], "ece_ci95": ece["ci95"]}
+            "ece_debiased": ece["debiased"], "ece_ci95": ece["ci95"], "auc_macro": float(auc)}
 
 
 def compare_methods(predictions: dict[str, Any], class_weights: list[float] | None) -> dict[str, Any]:
@@ -117,6 +131,7 @@ def one_rate(rate: float, args: argparse.Namespace, workdir: Path) -> dict[str, 
     metrics = json.loads(Path(layout.report(RUN_ID), "metrics.json").read_text())
     record = json.loads(Path(layout.calibration(RUN_ID)).read_text())
     known = known_answers(archive)
+    known["val_best_accuracy"] = val_best_accuracy(archive, layout)
     summary = metrics["calibration"]
     methods = compare_methods(raw_predictions(root, extra), record.get("class_weights"))
     calibrated = summary["mean_confidence"]["after"]
@@ -125,7 +140,7 @@ def one_rate(rate: float, args: argparse.Namespace, workdir: Path) -> dict[str, 
         "num_test_images": metrics["num_images"], "num_val_images": record["num_images"],
         "accuracy": metrics["accuracy"], "accuracy_gap": metrics["accuracy"] - known["best_accuracy"],
         "accuracy_ci95": metrics["ci95"]["accuracy"], "cohen_kappa": metrics["cohen_kappa"],
-        "calibration": {key: summary[key] for key in ("method", "temperature", "bias", "fitted", "reason")},
+        "calibration": {key: summary[key] for key in ("method", "temperature", "bias", "top_label", "fitted", "reason")},
         "raw_confidence": summary["mean_confidence"]["before"], "calibrated_confidence": calibrated,
         "confidence_gap": calibrated - known["best_accuracy"],
         "ece_raw": summary["ece"]["before"], "ece": summary["ece"]["after"],
@@ -148,24 +163,26 @@ def checks_of(row: dict[str, Any]) -> dict[str, bool]:
 
 def print_tables(rows: list[dict[str, Any]]) -> None:
     print("\n| label noise | best accuracy (test) | test accuracy [95 % CI] | gap | kappa | ideal confidence | "
-          "raw confidence | calibrated confidence | confidence - best | ECE raw | ECE calibrated | "
+          "raw confidence | calibrated confidence | confidence - best | best accuracy (val) | ECE raw | "
+          "ECE calibrated | "
           "ECE debiased [95 % CI] | T | val / test films |")
-    print("| ---: |" + " ---: |" * 13)
+    print("| ---: |" + " ---: |" * 14)
     for row in rows:
         low, high = row["accuracy_ci95"]
         ece_low, ece_high = row["ece_ci95"]
         print(f"| {row['label_noise']:g} | {row['best_accuracy']:.3f} | {row['accuracy']:.3f} [{low:.3f}, {high:.3f}] "
               f"| {row['accuracy_gap']:+.3f} | {row['cohen_kappa']:.3f} | {row['ideal_confidence']:.3f} | "
               f"{row['raw_confidence']:.3f} | {row['calibrated_confidence']:.3f} | {row['confidence_gap']:+.3f} | "
+              f"{row['val_best_accuracy']:.3f} | "
               f"{row['ece_raw']:.3f} | {row['ece']:.3f} | {row['ece_debiased']:.3f} [{ece_low:.3f}, {ece_high:.3f}] "
               f"| {row['calibration']['temperature']:.2f} | {row['num_val_images']} / {row['num_test_images']} |")
     print("\nCalibration methods, each fitted on the run's val and scored on its test split "
-          "(mean top-class confidence - test accuracy; ECE):\n")
+          "(mean top-class confidence - test accuracy; ECE; macro AUC):\n")
     names = ("raw", *calibration.METHODS)
     print("| label noise | " + " | ".join(names) + " |")
     print("| ---: |" + " --- |" * len(names))
     for row in rows:
-        cells = [f"{m['mean_confidence'] - m['accuracy']:+.3f}; {m['ece']:.3f}"
+        cells = [f"{m['mean_confidence'] - m['accuracy']:+.3f}; {m['ece']:.3f}; {m['auc_macro']:.3f}"
                  for m in (row["methods"][name] for name in names)]
         print(f"| {row['label_noise']:g} | " + " | ".join(cells) + " |")
     print()

@@ -88,10 +88,18 @@ def test_quality_benchmark_compares_a_run_with_its_known_answers(tmp_path: Path)
     assert row["best_accuracy"] == pytest.approx(np.mean([not film["moved"] for film in test]))
     assert row["ideal_confidence"] == pytest.approx(0.8)
     assert row["accuracy_gap"] == pytest.approx(row["accuracy"] - row["best_accuracy"])
+    # val's own best: its films (from the split manifest, pooled from the archive's train and val
+    # folders) not moved, by the truth sidecar.
+    split = json.loads((tmp_path / "work" / "noise-0.2" / "splits" / "split.json").read_text())
+    val_names = {entry["path"].rsplit("/", 1)[-1] for entry in split["rows"] if entry["split"] == "val"}
+    val_films = [film for film in truth["films"]
+                 if "{1}__{3}".format(*film["path"].split("/")) in val_names]
+    assert len(val_films) == len(val_names) > 0
+    assert row["val_best_accuracy"] == pytest.approx(np.mean([not film["moved"] for film in val_films]))
     # The pipeline's own calibration, refitted from the run's val predictions, gives the report's figures.
-    assert row["methods"]["prior_temperature"]["mean_confidence"] == pytest.approx(row["calibrated_confidence"],
-                                                                                    abs=1e-4)
-    assert row["methods"]["prior_temperature"]["ece"] == pytest.approx(row["ece"], abs=1e-4)
+    pipeline = row["methods"]["prior_temperature_top_label"]
+    assert pipeline["mean_confidence"] == pytest.approx(row["calibrated_confidence"], abs=1e-4)
+    assert pipeline["ece"] == pytest.approx(row["ece"], abs=1e-4)
     assert set(row["checks"]) == {"calibrated ECE <= raw ECE", "|confidence - best accuracy| <= 0.03",
                                   "calibrated ECE <= 0.05"}
     assert (completed.returncode == 0) == all(row["checks"].values())

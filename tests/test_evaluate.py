@@ -174,7 +174,7 @@ def test_patient_bootstrap_binary_view_and_calibration_are_in_metrics_report_and
 
     # ECE on the raw and on the calibrated probabilities, computed by hand; the debiased ECE within its interval.
     assert fitted == calibration.load_calibration(Layout.of(trained_run.config), RUN_ID)
-    assert summary["method"] == "prior_temperature" and summary["class_weights"] == HISTORY["class_weights"]
+    assert summary["method"] == "prior_temperature_top_label" and summary["class_weights"] == HISTORY["class_weights"]
     assert summary["bias"] == pytest.approx(-np.log(HISTORY["class_weights"]))  # val too small to fit: T = 1
     assert summary["fitted"] is False and "fewer than" in summary["reason"]
     assert summary["ece"] == {

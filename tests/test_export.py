@@ -66,10 +66,15 @@ def test_serving_on_source_files_is_evaluate_exactly(run, request):
 def test_the_graph_applies_the_calibration_exactly_as_the_report_does():
     probabilities = np.random.default_rng(4).dirichlet([0.5, 0.5, 0.5], 64).astype(np.float32)
     probabilities[0] = [1.0, 0.0, 0.0]  # float32 underflow: the floor keeps it finite on both sides
+    probabilities[1] = [0.2, 0.2, 0.6]  # a tie among the others: they share the rest evenly
+    probabilities[2] = [0.4, 0.35, 0.25]  # a flat map would put the top under the runner-up: kept above
     for fitted in (calibration.Calibration(), calibration.Calibration(1.7, (0.0, -0.4, 0.3)),
-                   calibration.Calibration(0.6, tuple(-np.log([1.3, 0.7, 1.2]) / 0.6))):
+                   calibration.Calibration(0.6, tuple(-np.log([1.3, 0.7, 1.2]) / 0.6)),
+                   calibration.Calibration(1.2, (0.0, 0.2, -0.1), 0.15, 1.3),  # near flat: every film ~0.8
+                   calibration.Calibration(0.8, None, 2.5, -0.7)):
         graph = export.apply_calibration(tf.constant(probabilities), fitted).numpy()
         np.testing.assert_allclose(graph, fitted.apply(probabilities), atol=2e-6)
+        np.testing.assert_array_equal(graph.argmax(axis=1), fitted.apply(probabilities).argmax(axis=1))
 
 
 def test_the_signature_takes_image_bytes_and_returns_probabilities_and_class(png_run):
@@ -144,7 +149,7 @@ def test_training_exports_the_best_weights_of_a_mixed_precision_run_in_float32(t
     assert done["export"]["best_value"] == done["best"]["value"]
     record = json.loads((run_dir / "calibration.json").read_text())
     assert record["temperature"] == done["export"]["temperature"] and record["fitted_on"] == "val"
-    assert record["num_images"] > 0 and record["method"] == "prior_temperature"
+    assert record["num_images"] > 0 and record["method"] == "prior_temperature_top_label"
     # 60 demo images leave val too small for a fit: T = 1 and the prior correction alone, said so.
     assert record["fitted"] is False and record["temperature"] == 1.0 and "fewer than" in record["reason"]
     assert record["bias"] == pytest.approx(-np.log(record["class_weights"])) == done["export"]["bias"]

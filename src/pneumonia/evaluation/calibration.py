@@ -1,11 +1,26 @@
 """Calibration: the map fitted on val at the end of training that makes the model's confidence match
 how often it is right; evaluate and the serving signature apply the same map.
 
-Every method has one form, on the log-probabilities (the model's softmax, so log p = logits + c):
+Every method has one form. First, on the log-probabilities (the model's softmax, so log p = logits + c):
 
-    calibrated = softmax(log(p) / T + bias)
+    q = softmax(log(p) / T + bias)
 
-- `prior_temperature` (the default): bias = -log(w) / T, where w are the class weights the loss
+then, for the default method only, a map of the top class's probability c = max(q) (top-label
+scaling; the other classes keep their proportions and share the rest):
+
+    top = sigmoid(slope * logit(c) + intercept)
+
+- `prior_temperature_top_label` (the default): `prior_temperature` below, then the top-label map
+  fitted on val (logistic NLL of "the top class is right", slope >= 0). Why: T and a per-class bias
+  keep the order of the films' confidences, and so cannot make a film the model finds hard as
+  confident as a clear one when both are right as often (issue 18's label-noise archive: misfiled
+  films are drawn regardless of how clearly they show their pattern; the model's confidence still
+  varies with it). The slope can flatten the map (0: every film gets val's accuracy) or keep it
+  steep where confidence does tell right from wrong; the intercept makes val's mean confidence
+  equal val's accuracy (a logistic fit's score equation). The winning class never changes (the top
+  probability is kept at least as large as the runner-up's after the share). Measured in
+  bench/bench_quality.py.
+- `prior_temperature`: bias = -log(w) / T, where w are the class weights the loss
   used. With a class-weighted loss the optimum is p_k proportional to w_k * P(k | x), a shift of the
   prior that no single temperature undoes (it made the ECE worse: 0.140 -> 0.213 in issue 18);
   subtracting log w_k undoes it exactly, and T is then fitted on val (NLL). Without class weights
@@ -16,10 +31,13 @@ Every method has one form, on the log-probabilities (the model's softmax, so log
 
 A fit needs films: on fewer than MIN_FIT_IMAGES val images or with one class only, T stays 1 and the
 bias is the prior correction alone (it needs no data: the class weights are known), and the record
-says why. T never changes which class wins; the prior correction can (it is meant to: the weighted
-loss moved the boundary). Written to runs/<id>/calibration.json by the chief, before the run marker:
+says why; the top-label map also stays the identity when every val image is right (or every one
+wrong): nothing tells it how confidence relates to being right. T and the top-label map never change
+which class wins; the prior correction can (it is meant to: the weighted loss moved the boundary).
+Written to runs/<id>/calibration.json by the chief, before the run marker:
 
-    {"method": "prior_temperature", "temperature": T, "bias": [b_normal, b_bacteria, b_virus],
+    {"method": "prior_temperature_top_label", "temperature": T, "bias": [b_normal, b_bacteria, b_virus],
+     "top_label": {"slope": a, "intercept": b, "fitted": true | false, "reason": "..."},
      "class_weights": [...] | null, "fitted": true | false, "reason": "...", "fitted_on": "val",
      "num_images": n, "nll": {"before": x, "after": y}}
 """
@@ -37,9 +55,10 @@ from scipy.optimize import minimize
 from pneumonia import storage
 from pneumonia.layout import Layout
 
+PRIOR_TEMPERATURE_TOP_LABEL = "prior_temperature_top_label"
 PRIOR_TEMPERATURE, VECTOR_SCALING, TEMPERATURE = "prior_temperature", "vector_scaling", "temperature"
-METHODS = (PRIOR_TEMPERATURE, VECTOR_SCALING, TEMPERATURE)
-DEFAULT_METHOD = PRIOR_TEMPERATURE
+METHODS = (PRIOR_TEMPERATURE_TOP_LABEL, PRIOR_TEMPERATURE, VECTOR_SCALING, TEMPERATURE)
+DEFAULT_METHOD = PRIOR_TEMPERATURE_TOP_LABEL
 # Below this many val images a fitted T is mostly noise. A fit matches val's own accuracy, which
 # binomial noise moves by 1.96 sqrt(a (1 - a) / n): by simulation (docs/report-statistics.md, label
 # noise 0.2) the calibrated mean confidence lands within 0.077 of the accuracy in 19 fits of 20 at
@@ -56,28 +75,78 @@ _SEARCH_STEPS = 45
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 # log(0) guard: float32's smallest normal number, the same floor the serving graph uses.
 PROBABILITY_FLOOR = float(np.finfo(np.float32).tiny)
+# The top-label map's logit guard: c is clipped to [EDGE, 1 - EDGE]. A power of two, so that 1 - EDGE
+# is the same number in float32 (the serving graph) and float64 (evaluate).
+TOP_LABEL_EDGE = 2.0**-20
+# The top-label map's search box: a slope above 10 would sharpen past anything val can show.
+MAX_TOP_LABEL_SLOPE = 10.0
+MAX_TOP_LABEL_INTERCEPT = 20.0
+# How far the top stays above the runner-up where the map would put it lower: well above float32's
+# rounding, so evaluate (float64) and the serving graph (float32) name the same class.
+TOP_LABEL_MARGIN = 1e-4
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """softmax(log(p) / temperature + bias): what evaluate and the serving signature apply."""
+    """softmax(log(p) / temperature + bias), then the top-label map sigmoid(top_slope * logit(c) +
+    top_intercept) of the top class's probability c: what evaluate and the serving signature apply."""
 
     temperature: float = 1.0
     bias: tuple[float, ...] | None = None  # None: zeros
+    top_slope: float = 1.0  # slope 1, intercept 0: the top-label map is the identity
+    top_intercept: float = 0.0
 
     def apply(self, probabilities: np.ndarray) -> np.ndarray:
         """Calibrated probabilities, float32 [N, K] like the model's output."""
         if not self.temperature > 0:  # a calibration.json edited by hand, say: NaNs would spread silently
             raise ValueError(f"the temperature must be positive, got {self.temperature}")
-        return np.exp(_log_softmax(_log(probabilities) / float(self.temperature) + self.bias_vector(
-            np.shape(probabilities)[-1]))).astype(np.float32)
+        if not self.top_slope >= 0:  # a negative slope would make the surer films the less trusted
+            raise ValueError(f"the top-label slope must be at least 0, got {self.top_slope}")
+        scaled = np.exp(_log_softmax(_log(probabilities) / float(self.temperature) + self.bias_vector(
+            np.shape(probabilities)[-1])))
+        if self.top_label_is_identity:
+            return scaled.astype(np.float32)
+        return top_label_map(scaled, self.top_slope, self.top_intercept).astype(np.float32)
 
     def bias_vector(self, num_classes: int) -> np.ndarray:
         return np.zeros(num_classes) if self.bias is None else np.asarray(self.bias, np.float64)
 
     @property
+    def top_label_is_identity(self) -> bool:
+        return self.top_slope == 1.0 and self.top_intercept == 0.0
+
+    @property
     def is_identity(self) -> bool:
-        return self.temperature == 1.0 and (self.bias is None or not np.any(self.bias))
+        return (self.temperature == 1.0 and (self.bias is None or not np.any(self.bias))
+                and self.top_label_is_identity)
+
+
+def _logit(confidence: np.ndarray) -> np.ndarray:
+    confidence = np.clip(confidence, TOP_LABEL_EDGE, 1.0 - TOP_LABEL_EDGE)
+    return np.log(confidence) - np.log1p(-confidence)
+
+
+def top_label_map(probabilities: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """The top class's probability c becomes sigmoid(slope * logit(c) + intercept); the other classes
+    share the rest in their own proportions (evenly where they had none). The top stays at least as
+    large as the runner-up after the share, so the winning class never changes; float64 [N, K]."""
+    probabilities = np.asarray(probabilities, np.float64)
+    rows = np.arange(len(probabilities))
+    winner = np.argmax(probabilities, axis=-1)
+    top = probabilities[rows, winner]
+    others = probabilities.copy()
+    others[rows, winner] = 0.0
+    others_sum = others.sum(axis=-1)
+    num_others = probabilities.shape[-1] - 1
+    share = np.where(others_sum[:, None] > 0, others / np.maximum(others_sum, PROBABILITY_FLOOR)[:, None],
+                     1.0 / num_others)
+    share[rows, winner] = 0.0
+    mapped = 1.0 / (1.0 + np.exp(-(slope * _logit(top) + intercept)))
+    runner_up = share.max(axis=-1)  # its share of the rest; the top must be >= runner_up * (1 - top)
+    mapped = np.maximum(mapped, runner_up / (1.0 + runner_up) + TOP_LABEL_MARGIN)
+    calibrated = share * (1.0 - mapped)[:, None]
+    calibrated[rows, winner] = mapped
+    return calibrated
 
 
 def _log(probabilities: np.ndarray) -> np.ndarray:
@@ -164,6 +233,28 @@ def fit_vector_scaling(probabilities: np.ndarray, labels: np.ndarray) -> tuple[f
     return math.exp(found.x[0]), np.r_[0.0, found.x[1:]]
 
 
+def fit_top_label(probabilities: np.ndarray, labels: np.ndarray) -> tuple[float, float, str | None]:
+    """(slope, intercept, why not fitted or None): the top-label map minimising the logistic NLL of
+    "the top class is right" on val, slope in [0, MAX_TOP_LABEL_SLOPE]. L-BFGS-B from the identity
+    (1, 0); the identity stays when it is not beaten or when val holds only right (or only wrong)
+    top classes."""
+    right = (np.argmax(probabilities, axis=-1) == np.asarray(labels)).astype(np.float64)
+    if right.size == 0 or right.min() == right.max():
+        return 1.0, 0.0, (f"every one of the {right.size} val images has its top class "
+                          f"{'right' if right.size and right[0] else 'wrong'}: the top-label map stays the identity")
+    logit = _logit(np.max(probabilities, axis=-1))
+
+    def nll(params: np.ndarray) -> float:
+        z = params[0] * logit + params[1]
+        return float(np.mean(np.logaddexp(0.0, z) - right * z))  # -log sigmoid(z) if right, -log(1 - sigmoid(z)) if not
+
+    found = minimize(nll, np.array([1.0, 0.0]), method="L-BFGS-B",
+                     bounds=[(0.0, MAX_TOP_LABEL_SLOPE), (-MAX_TOP_LABEL_INTERCEPT, MAX_TOP_LABEL_INTERCEPT)])
+    if not found.fun < nll(np.array([1.0, 0.0])):
+        return 1.0, 0.0, None
+    return float(found.x[0]), float(found.x[1]), None
+
+
 def why_not_fit(labels: np.ndarray) -> str | None:
     """Why val cannot pin a calibration (None: it can)."""
     if len(labels) < MIN_FIT_IMAGES:
@@ -177,19 +268,30 @@ def why_not_fit(labels: np.ndarray) -> str | None:
 def fit(probabilities: np.ndarray, labels: np.ndarray, class_weights: Sequence[float] | None,
         method: str = DEFAULT_METHOD) -> tuple[Calibration, str | None]:
     """(the calibration `method` fits on val, why it was not fitted or None)."""
+    calibration, reason, _ = _fit(probabilities, labels, class_weights, method)
+    return calibration, reason
+
+
+def _fit(probabilities: np.ndarray, labels: np.ndarray, class_weights: Sequence[float] | None,
+         method: str) -> tuple[Calibration, str | None, str | None]:
+    """fit, and why the top-label map stayed the identity (None: it was fitted, or the method has none)."""
     if method not in METHODS:
         raise ValueError(f"calibration method {method!r} is not one of {', '.join(METHODS)}")
     num_classes = np.shape(probabilities)[-1]
     reason = why_not_fit(labels)
-    weights = class_weights if method == PRIOR_TEMPERATURE else None
+    weights = class_weights if method in (PRIOR_TEMPERATURE, PRIOR_TEMPERATURE_TOP_LABEL) else None
     if reason is not None:
         # The prior correction needs no data (the class weights are known): it stays.
-        return Calibration(1.0, _tuple(prior_bias(weights, 1.0, num_classes))), reason
+        return Calibration(1.0, _tuple(prior_bias(weights, 1.0, num_classes))), reason, None
     if method == VECTOR_SCALING:
         temperature, bias = fit_vector_scaling(probabilities, labels)
-        return Calibration(temperature, _tuple(bias)), None
+        return Calibration(temperature, _tuple(bias)), None, None
     temperature = fit_temperature(probabilities, labels, weights)
-    return Calibration(temperature, _tuple(prior_bias(weights, temperature, num_classes))), None
+    scaled = Calibration(temperature, _tuple(prior_bias(weights, temperature, num_classes)))
+    if method != PRIOR_TEMPERATURE_TOP_LABEL:
+        return scaled, None, None
+    slope, intercept, top_reason = fit_top_label(scaled.apply(probabilities), labels)
+    return Calibration(scaled.temperature, scaled.bias, slope, intercept), None, top_reason
 
 
 def _tuple(values: np.ndarray) -> tuple[float, ...]:
@@ -199,20 +301,35 @@ def _tuple(values: np.ndarray) -> tuple[float, ...]:
 def calibration_record(probabilities: np.ndarray, labels: np.ndarray, class_weights: Sequence[float] | None = None,
                        method: str = DEFAULT_METHOD) -> dict[str, Any]:
     """calibration.json's content for val's probabilities and labels."""
-    calibration, reason = fit(probabilities, labels, class_weights, method)
+    calibration, reason, top_reason = _fit(probabilities, labels, class_weights, method)
     bias = calibration.bias_vector(np.shape(probabilities)[-1])
-    return {"method": method, "temperature": calibration.temperature, "bias": bias.tolist(),
-            "class_weights": None if class_weights is None else [float(w) for w in class_weights],
-            "fitted": reason is None, "reason": reason or f"fitted on {len(labels)} val images",
-            "fitted_on": "val", "num_images": int(len(labels)),
-            "nll": {"before": negative_log_likelihood(probabilities, labels),
-                    "after": negative_log_likelihood(probabilities, labels, calibration.temperature, bias)}}
+    record = {"method": method, "temperature": calibration.temperature, "bias": bias.tolist(),
+              "class_weights": None if class_weights is None else [float(w) for w in class_weights],
+              "fitted": reason is None, "reason": reason or f"fitted on {len(labels)} val images",
+              "fitted_on": "val", "num_images": int(len(labels)),
+              "nll": {"before": negative_log_likelihood(probabilities, labels),
+                      "after": _nll_of(calibration.apply(probabilities), labels)}}
+    if method == PRIOR_TEMPERATURE_TOP_LABEL:
+        record["top_label"] = {"slope": calibration.top_slope, "intercept": calibration.top_intercept,
+                               "fitted": reason is None and top_reason is None,
+                               "reason": reason or top_reason or f"fitted on {len(labels)} val images"}
+    return record
+
+
+def _nll_of(calibrated: np.ndarray, labels: np.ndarray) -> float:
+    """Mean -log of the calibrated probability of the true class."""
+    if len(labels) == 0:
+        return 0.0
+    chosen = np.asarray(calibrated, np.float64)[np.arange(len(labels)), np.asarray(labels, np.int64)]
+    return float(-np.mean(np.log(np.maximum(chosen, PROBABILITY_FLOOR))))
 
 
 def from_record(record: dict[str, Any]) -> Calibration:
-    """calibration.json -> Calibration; a record from before the bias existed has none."""
+    """calibration.json -> Calibration; a record from before the bias (or the top-label map) existed has none."""
     bias = record.get("bias")
-    return Calibration(float(record["temperature"]), None if bias is None else tuple(float(b) for b in bias))
+    top = record.get("top_label") or {}
+    return Calibration(float(record["temperature"]), None if bias is None else tuple(float(b) for b in bias),
+                       float(top.get("slope", 1.0)), float(top.get("intercept", 0.0)))
 
 
 def load_record(layout: Layout, run_id: str) -> dict[str, Any] | None:

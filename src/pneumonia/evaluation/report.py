@@ -414,7 +414,8 @@ def calibration_summary(labels: np.ndarray, raw_probabilities: np.ndarray, proba
                  "after": uncertainty.ece_estimate(labels, probabilities, patients)}
     confidence = {"before": _mean_top(raw_probabilities), "after": _mean_top(probabilities)}
     return {"method": record.get("method", "temperature"), "temperature": float(record["temperature"]),
-            "bias": record.get("bias"), "class_weights": record.get("class_weights"),
+            "bias": record.get("bias"), "top_label": record.get("top_label"),
+            "class_weights": record.get("class_weights"),
             "fitted": record.get("fitted", True), "reason": record.get("reason"),
             "num_val_images": record.get("num_images"),
             "accuracy": float(np.mean(np.argmax(probabilities, axis=1) == labels)) if len(labels) else None,
@@ -430,8 +431,17 @@ def _mean_top(probabilities: np.ndarray) -> float | None:
 
 
 CONFIDENCE_TOLERANCE = 0.03  # how close a calibrated mean confidence should come to the accuracy
+# Below this slope the top-label map moves a top-class probability by under ~0.05 across the usual
+# range of confidences (logit 0 to 4.6), so films no longer differ much: the report says what that means.
+FLAT_TOP_LABEL_SLOPE = 0.1
 
 _METHOD_TEXT = {
+    "prior_temperature_top_label": "the class-weight prior undone (log w subtracted from the log-probabilities: a "
+                                   "class-weighted loss learns p proportional to w x P(class | film)), a "
+                                   "temperature T, then a map of the top class's probability c, "
+                                   "sigmoid(a logit(c) + b), fitted to how often the top class was right on "
+                                   "validation (a slope a under 1 evens out confidence that does not tell right "
+                                   "from wrong)",
     "prior_temperature": "the class-weight prior undone (log w subtracted from the log-probabilities: a "
                          "class-weighted loss learns p proportional to w x P(class | film)), then a "
                          "temperature T",
@@ -450,6 +460,10 @@ def calibration_section(summary: Mapping[str, Any] | None) -> list[str]:
     applied = f"Calibration: {_METHOD_TEXT.get(method, method)}; T = {temperature:.3f}"
     if summary.get("bias") is not None and method != "none":
         applied += ", bias " + ", ".join(f"{b:+.3f}" for b in summary["bias"])
+    top_label = summary.get("top_label")
+    if top_label:
+        applied += (f", top-label map a = {top_label['slope']:.3f}, b = {top_label['intercept']:+.3f}"
+                    + ("" if top_label.get("fitted") or not fitted else f" (left as the identity: {top_label['reason']})"))
     applied += (f", fitted on {summary.get('num_val_images')} validation images when training ended. "
                 if fitted else f". Not fitted: {summary.get('reason')}. ")
     lines = ["", "## Calibration", "", applied + "The same map is applied to every reported probability "
@@ -475,6 +489,11 @@ def calibration_section(summary: Mapping[str, Any] | None) -> list[str]:
         lines += ["", f"How well {num_val} validation images pin it: their own accuracy, which the fit matches, "
                       f"is within +/- {spread:.3f} of the population's 19 times in 20; {needed} images would bring "
                       f"that to +/- {CONFIDENCE_TOLERANCE}."]
+    if top_label and top_label.get("fitted") and top_label["slope"] < FLAT_TOP_LABEL_SLOPE:
+        lines += ["", f"The top-label map is nearly flat (a = {top_label['slope']:.3f}): on validation, how sure the "
+                      "model was did not tell its right calls from its wrong ones, so every film's top class gets "
+                      "about the same probability. Read a film's probability as the model's hit rate on films like "
+                      "the test set's, not as how sure it is of that film."]
     return lines + ["", "The reliability diagram (`reliability.png`) shows accuracy against confidence per bin."]
 
 

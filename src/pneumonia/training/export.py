@@ -63,10 +63,33 @@ def serving_function(model: keras.Model, fitted: calibration.Calibration, shard:
 
 
 def apply_calibration(probabilities: tf.Tensor, fitted: calibration.Calibration) -> tf.Tensor:
-    """calibration.Calibration.apply as graph ops: softmax(log(p) / T + bias)."""
+    """calibration.Calibration.apply as graph ops: softmax(log(p) / T + bias), then the top-label map."""
     log_p = tf.math.log(tf.maximum(tf.cast(probabilities, tf.float32), calibration.PROBABILITY_FLOOR))
     bias = tf.constant(fitted.bias_vector(len(CLASS_NAMES)), tf.float32)
-    return tf.nn.softmax(log_p / tf.constant(fitted.temperature, tf.float32) + bias, axis=-1)
+    scaled = tf.nn.softmax(log_p / tf.constant(fitted.temperature, tf.float32) + bias, axis=-1)
+    if fitted.top_label_is_identity:
+        return scaled
+    return top_label_map(scaled, fitted.top_slope, fitted.top_intercept)
+
+
+def top_label_map(probabilities: tf.Tensor, slope: float, intercept: float) -> tf.Tensor:
+    """calibration.top_label_map as graph ops (float32): the top probability c becomes
+    sigmoid(slope * logit(c) + intercept), the others share the rest in their proportions, the top
+    kept at least the runner-up's share."""
+    num_classes = len(CLASS_NAMES)
+    is_top = tf.one_hot(tf.argmax(probabilities, axis=-1), num_classes, dtype=tf.float32)
+    top = tf.reduce_sum(probabilities * is_top, axis=-1)
+    others = probabilities * (1.0 - is_top)
+    others_sum = tf.reduce_sum(others, axis=-1, keepdims=True)
+    share = tf.where(others_sum > 0, others / tf.maximum(others_sum, calibration.PROBABILITY_FLOOR),
+                     (1.0 - is_top) / (num_classes - 1))
+    edge = calibration.TOP_LABEL_EDGE
+    clipped = tf.clip_by_value(top, edge, 1.0 - edge)
+    logit = tf.math.log(clipped) - tf.math.log1p(-clipped)
+    mapped = tf.sigmoid(tf.constant(slope, tf.float32) * logit + tf.constant(intercept, tf.float32))
+    runner_up = tf.reduce_max(share, axis=-1)
+    mapped = tf.maximum(mapped, runner_up / (1.0 + runner_up) + calibration.TOP_LABEL_MARGIN)
+    return share * (1.0 - mapped)[:, None] + is_top * mapped[:, None]
 
 
 class _UnbuiltMetricsWarning(logging.Filter):
@@ -117,7 +140,7 @@ def save(model: keras.Model, fitted: calibration.Calibration, shard: ShardConfig
 
 def export_run(layout: Layout, run_id: str) -> dict[str, Any]:
     """The chief's last step before the run marker: best weights -> float32 model -> calibration fitted
-    on val (the class-weight prior undone, then T) -> calibration.json -> model/. Returns what the run
+    on val (the class-weight prior undone, T, the top-label map) -> calibration.json -> model/. Returns what the run
     marker records about the export."""
     model, run_config = load_trained_model(layout.run(run_id))  # float32, best.weights.h5
     processed_dir = layout.processed(run_config.shard.size_dir)
@@ -133,10 +156,11 @@ def export_run(layout: Layout, run_id: str) -> dict[str, Any]:
     fitted = calibration.from_record(record)
     destination = layout.saved_model(run_id)
     save(model, fitted, run_config.shard, destination)
-    log.info("model exported", path=destination, temperature=fitted.temperature, bias=record["bias"])
+    log.info("model exported", path=destination, temperature=fitted.temperature, bias=record["bias"],
+             top_label=record.get("top_label"))
     return {"path": destination, "format": MODEL_FORMAT, "dtype": "float32", "weights": layout.best_weights(run_id),
             "weights_sha256": weights_sha256(model), "temperature": fitted.temperature, "bias": record["bias"],
-            "calibration_method": record["method"]}
+            "top_label": record.get("top_label"), "calibration_method": record["method"]}
 
 
 class ServedModel:
