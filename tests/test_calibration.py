@@ -201,20 +201,46 @@ def test_the_top_label_map_keeps_confidence_that_does_tell_right_from_wrong():
 
 def test_the_top_label_map_never_changes_the_winner_and_sums_to_one():
     probabilities = np.random.default_rng(7).dirichlet([0.5, 0.5, 0.5], 2000)
-    probabilities[0] = [1.0, 0.0, 0.0]  # the others have nothing: they share the rest evenly
+    probabilities[0] = [1.0, 0.0, 0.0]  # the others have nothing (both at the floor): they share the rest evenly
     probabilities[1] = [0.4, 0.35, 0.25]  # a map that would put the top under the runner-up's share
+    probabilities[2] = [1.0, 1e-20, 1e-21]  # the others underflow a float sum, not a log-sum
+    log_probabilities = np.log(np.maximum(probabilities, calibration.PROBABILITY_FLOOR))
     for slope, intercept in ((0.0, -3.0), (0.1, 1.3), (2.5, -0.7), (1.0, 0.0)):
-        mapped = calibration.top_label_map(probabilities, slope, intercept)
+        mapped = calibration.top_label_map(log_probabilities, slope, intercept)
         np.testing.assert_allclose(mapped.sum(axis=1), 1.0, atol=1e-12)
         np.testing.assert_array_equal(mapped.argmax(axis=1), probabilities.argmax(axis=1))
         assert (mapped >= 0).all()
-    np.testing.assert_allclose(mapped, probabilities, atol=1e-5)  # slope 1, intercept 0: the identity
+    np.testing.assert_allclose(mapped, probabilities, atol=1e-12)  # slope 1, intercept 0: the identity
     # sigmoid(-3) = 0.05 would put the top under the others' even share: it stays just above it.
     top = 1 / 3 + calibration.TOP_LABEL_MARGIN
-    assert calibration.top_label_map(probabilities[:1], 0.0, -3.0)[0] == pytest.approx([top, (1 - top) / 2, (1 - top) / 2])
-    # The others keep their proportions.
-    flat = calibration.top_label_map(probabilities[1:2], 0.0, 0.0)[0]
-    assert flat[1] / flat[2] == pytest.approx(0.35 / 0.25)
+    assert calibration.top_label_map(log_probabilities[:1], 0.0, -3.0)[0] == pytest.approx([top, (1 - top) / 2,
+                                                                                            (1 - top) / 2])
+    # The others keep their proportions, also where they underflow a float sum (1e-20 : 1e-21).
+    flat = calibration.top_label_map(log_probabilities[1:3], 0.0, 0.0)
+    assert flat[0, 1] / flat[0, 2] == pytest.approx(0.35 / 0.25)
+    assert flat[1] == pytest.approx([0.5, 0.5 * 10 / 11, 0.5 / 11])
+
+
+def test_a_fit_that_cannot_beat_the_identity_keeps_it():
+    # Labels drawn from the model's own probabilities: the top-label map is already right, and a fit on
+    # 20,000 films finds nothing better than (1, 0) worth more than noise.
+    probabilities, labels = tempered_sample(1.0, num_images=20000, seed=8)
+    slope, intercept, reason = calibration.fit_top_label(np.log(probabilities), labels)
+    assert reason is None and slope == pytest.approx(1.0, abs=0.05) and intercept == pytest.approx(0.0, abs=0.05)
+    # Where the identity is the exact optimum of the fitting set, the fit keeps it exactly.
+    exact = np.log(np.array([[0.75, 0.2, 0.05]] * 4))
+    assert calibration.fit_top_label(exact, np.array([0, 0, 0, 1])) == (1.0, 0.0, None)
+
+
+def test_a_hand_edited_record_is_refused_naming_its_field():
+    good = {"temperature": 1.2, "bias": [0.0, 0.1, -0.1], "top_label": {"slope": 0.3, "intercept": 1.0}}
+    assert calibration.from_record(good).top_slope == 0.3
+    for field, value, message in (("slope", None, "top_label.slope must be a number"),
+                                  ("slope", float("inf"), "slope must be finite"),
+                                  ("intercept", float("nan"), "intercept must be finite"),
+                                  ("slope", -0.2, "at least 0")):
+        with pytest.raises(ValueError, match=message):
+            calibration.from_record({**good, "top_label": {**good["top_label"], field: value}})
 
 
 def test_a_val_split_with_every_top_class_right_leaves_the_map_as_the_identity_and_says_why():
@@ -224,6 +250,8 @@ def test_a_val_split_with_every_top_class_right_leaves_the_map_as_the_identity_a
     assert record["fitted"] is True and record["top_label"]["fitted"] is False
     assert "every one of the 180 val images has its top class right" in record["top_label"]["reason"]
     assert calibration.from_record(record).top_label_is_identity
+    summary = report.calibration_summary(labels, probabilities, probabilities, [f"p{i}" for i in range(180)], record)
+    assert f"(left as the identity: {record['top_label']['reason']})" in "\n".join(report.calibration_section(summary))
 
 
 def test_the_record_carries_the_top_label_map_and_its_nll_is_what_evaluate_applies():
@@ -235,7 +263,7 @@ def test_the_record_carries_the_top_label_map_and_its_nll_is_what_evaluate_appli
     applied = restored.apply(probabilities)
     assert record["nll"]["after"] == pytest.approx(-np.mean(np.log(applied[np.arange(600), labels])), rel=1e-5)
     assert record["nll"]["after"] < record["nll"]["before"]
-    with pytest.raises(ValueError, match="slope must be at least 0"):
+    with pytest.raises(ValueError, match="slope must be finite and at least 0"):
         calibration.Calibration(1.0, None, -0.5, 0.0).apply(probabilities)
 
 

@@ -68,12 +68,17 @@ def test_the_graph_applies_the_calibration_exactly_as_the_report_does():
     probabilities[0] = [1.0, 0.0, 0.0]  # float32 underflow: the floor keeps it finite on both sides
     probabilities[1] = [0.2, 0.2, 0.6]  # a tie among the others: they share the rest evenly
     probabilities[2] = [0.4, 0.35, 0.25]  # a flat map would put the top under the runner-up: kept above
+    probabilities[3] = [1.0, 1e-20, 1e-21]  # the others underflow float32 after T < 1: a log-sum keeps them
+    probabilities[4] = [1 - 1e-5, 6e-6, 4e-6]  # the top within float32 rounding of 1: its logit from logs
+    probabilities[5] = [1 - 1e-6, 6e-7, 4e-7]
     for fitted in (calibration.Calibration(), calibration.Calibration(1.7, (0.0, -0.4, 0.3)),
                    calibration.Calibration(0.6, tuple(-np.log([1.3, 0.7, 1.2]) / 0.6)),
                    calibration.Calibration(1.2, (0.0, 0.2, -0.1), 0.15, 1.3),  # near flat: every film ~0.8
-                   calibration.Calibration(0.8, None, 2.5, -0.7)):
+                   calibration.Calibration(0.8, None, 2.5, -0.7), calibration.Calibration(0.5, None, 0.15, 1.3),
+                   calibration.Calibration(1.0, None, 0.0, 2.0)):
         graph = export.apply_calibration(tf.constant(probabilities), fitted).numpy()
         np.testing.assert_allclose(graph, fitted.apply(probabilities), atol=2e-6)
+        np.testing.assert_allclose(graph.sum(axis=1), 1.0, atol=2e-6)
         np.testing.assert_array_equal(graph.argmax(axis=1), fitted.apply(probabilities).argmax(axis=1))
 
 

@@ -81,7 +81,7 @@ class Layout:
         return storage.join(self.checkpoints(run_id), BEST_WEIGHTS_NAME)
 
     def calibration(self, run_id: str) -> str:
-        """The temperature fitted on val at the end of training (pneumonia.evaluation.calibration)."""
+        """The calibration fitted on val at the end of training (pneumonia.evaluation.calibration)."""
         return storage.join(self.run(run_id), "calibration.json")
 
     def backup(self, run_id: str) -> str:

@@ -75,9 +75,6 @@ _SEARCH_STEPS = 45
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 # log(0) guard: float32's smallest normal number, the same floor the serving graph uses.
 PROBABILITY_FLOOR = float(np.finfo(np.float32).tiny)
-# The top-label map's logit guard: c is clipped to [EDGE, 1 - EDGE]. A power of two, so that 1 - EDGE
-# is the same number in float32 (the serving graph) and float64 (evaluate).
-TOP_LABEL_EDGE = 2.0**-20
 # The top-label map's search box: a slope above 10 would sharpen past anything val can show.
 MAX_TOP_LABEL_SLOPE = 10.0
 MAX_TOP_LABEL_INTERCEPT = 20.0
@@ -98,15 +95,26 @@ class Calibration:
 
     def apply(self, probabilities: np.ndarray) -> np.ndarray:
         """Calibrated probabilities, float32 [N, K] like the model's output."""
-        if not self.temperature > 0:  # a calibration.json edited by hand, say: NaNs would spread silently
-            raise ValueError(f"the temperature must be positive, got {self.temperature}")
-        if not self.top_slope >= 0:  # a negative slope would make the surer films the less trusted
-            raise ValueError(f"the top-label slope must be at least 0, got {self.top_slope}")
-        scaled = np.exp(_log_softmax(_log(probabilities) / float(self.temperature) + self.bias_vector(
-            np.shape(probabilities)[-1])))
+        log_scaled = self.log_scaled(probabilities)
         if self.top_label_is_identity:
-            return scaled.astype(np.float32)
-        return top_label_map(scaled, self.top_slope, self.top_intercept).astype(np.float32)
+            return np.exp(log_scaled).astype(np.float32)
+        return top_label_map(log_scaled, self.top_slope, self.top_intercept).astype(np.float32)
+
+    def log_scaled(self, probabilities: np.ndarray) -> np.ndarray:
+        """log softmax(log(p) / T + bias), float64: what the top-label map starts from (in log space,
+        so that a top probability within float rounding of 1 still has its exact logit)."""
+        self.check()
+        return _log_softmax(_log(probabilities) / float(self.temperature)
+                            + self.bias_vector(np.shape(probabilities)[-1]))
+
+    def check(self) -> None:
+        """A calibration.json edited by hand, say: NaNs would spread silently through every probability."""
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"the temperature must be positive and finite, got {self.temperature}")
+        if not (math.isfinite(self.top_slope) and self.top_slope >= 0):  # negative: the surer, the less trusted
+            raise ValueError(f"the top-label slope must be finite and at least 0, got {self.top_slope}")
+        if not math.isfinite(self.top_intercept):
+            raise ValueError(f"the top-label intercept must be finite, got {self.top_intercept}")
 
     def bias_vector(self, num_classes: int) -> np.ndarray:
         return np.zeros(num_classes) if self.bias is None else np.asarray(self.bias, np.float64)
@@ -121,31 +129,31 @@ class Calibration:
                 and self.top_label_is_identity)
 
 
-def _logit(confidence: np.ndarray) -> np.ndarray:
-    confidence = np.clip(confidence, TOP_LABEL_EDGE, 1.0 - TOP_LABEL_EDGE)
-    return np.log(confidence) - np.log1p(-confidence)
+def top_label_logit(log_probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(winner, logit of the winner's probability, the others' shares of the rest) from log-probabilities
+    [N, K]: logit(c) = log c - logsumexp(log of the others), the shares a softmax over the others; exact
+    where c is within float rounding of 1 or the others underflow."""
+    log_probabilities = np.asarray(log_probabilities, np.float64)
+    rows = np.arange(len(log_probabilities))
+    winner = np.argmax(log_probabilities, axis=-1)
+    others = log_probabilities.copy()
+    others[rows, winner] = -np.inf
+    largest = others.max(axis=-1, keepdims=True)
+    log_rest = largest[:, 0] + np.log(np.exp(others - largest).sum(axis=-1))
+    share = np.exp(others - log_rest[:, None])  # 0 at the winner
+    return winner, log_probabilities[rows, winner] - log_rest, share
 
 
-def top_label_map(probabilities: np.ndarray, slope: float, intercept: float) -> np.ndarray:
-    """The top class's probability c becomes sigmoid(slope * logit(c) + intercept); the other classes
-    share the rest in their own proportions (evenly where they had none). The top stays at least as
-    large as the runner-up after the share, so the winning class never changes; float64 [N, K]."""
-    probabilities = np.asarray(probabilities, np.float64)
-    rows = np.arange(len(probabilities))
-    winner = np.argmax(probabilities, axis=-1)
-    top = probabilities[rows, winner]
-    others = probabilities.copy()
-    others[rows, winner] = 0.0
-    others_sum = others.sum(axis=-1)
-    num_others = probabilities.shape[-1] - 1
-    share = np.where(others_sum[:, None] > 0, others / np.maximum(others_sum, PROBABILITY_FLOOR)[:, None],
-                     1.0 / num_others)
-    share[rows, winner] = 0.0
-    mapped = 1.0 / (1.0 + np.exp(-(slope * _logit(top) + intercept)))
-    runner_up = share.max(axis=-1)  # its share of the rest; the top must be >= runner_up * (1 - top)
+def top_label_map(log_probabilities: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """From log-probabilities [N, K]: the top class's probability c becomes sigmoid(slope * logit(c) +
+    intercept); the other classes share the rest in their own proportions. The top stays above the
+    runner-up after the share (by TOP_LABEL_MARGIN), so the winning class never changes; float64."""
+    winner, logit, share = top_label_logit(log_probabilities)
+    mapped = 1.0 / (1.0 + np.exp(-(slope * logit + intercept)))
+    runner_up = share.max(axis=-1)  # its share of the rest; the top must be > runner_up * (1 - top)
     mapped = np.maximum(mapped, runner_up / (1.0 + runner_up) + TOP_LABEL_MARGIN)
     calibrated = share * (1.0 - mapped)[:, None]
-    calibrated[rows, winner] = mapped
+    calibrated[np.arange(len(calibrated)), winner] = mapped
     return calibrated
 
 
@@ -233,16 +241,16 @@ def fit_vector_scaling(probabilities: np.ndarray, labels: np.ndarray) -> tuple[f
     return math.exp(found.x[0]), np.r_[0.0, found.x[1:]]
 
 
-def fit_top_label(probabilities: np.ndarray, labels: np.ndarray) -> tuple[float, float, str | None]:
+def fit_top_label(log_probabilities: np.ndarray, labels: np.ndarray) -> tuple[float, float, str | None]:
     """(slope, intercept, why not fitted or None): the top-label map minimising the logistic NLL of
-    "the top class is right" on val, slope in [0, MAX_TOP_LABEL_SLOPE]. L-BFGS-B from the identity
-    (1, 0); the identity stays when it is not beaten or when val holds only right (or only wrong)
-    top classes."""
-    right = (np.argmax(probabilities, axis=-1) == np.asarray(labels)).astype(np.float64)
+    "the top class is right" on val (log-probabilities after prior + T), slope in [0,
+    MAX_TOP_LABEL_SLOPE]. L-BFGS-B from the identity (1, 0); the identity stays when it is not beaten
+    or when val holds only right (or only wrong) top classes."""
+    winner, logit, _ = top_label_logit(log_probabilities)
+    right = (winner == np.asarray(labels)).astype(np.float64)
     if right.size == 0 or right.min() == right.max():
         return 1.0, 0.0, (f"every one of the {right.size} val images has its top class "
                           f"{'right' if right.size and right[0] else 'wrong'}: the top-label map stays the identity")
-    logit = _logit(np.max(probabilities, axis=-1))
 
     def nll(params: np.ndarray) -> float:
         z = params[0] * logit + params[1]
@@ -290,7 +298,7 @@ def _fit(probabilities: np.ndarray, labels: np.ndarray, class_weights: Sequence[
     scaled = Calibration(temperature, _tuple(prior_bias(weights, temperature, num_classes)))
     if method != PRIOR_TEMPERATURE_TOP_LABEL:
         return scaled, None, None
-    slope, intercept, top_reason = fit_top_label(scaled.apply(probabilities), labels)
+    slope, intercept, top_reason = fit_top_label(scaled.log_scaled(probabilities), labels)
     return Calibration(scaled.temperature, scaled.bias, slope, intercept), None, top_reason
 
 
@@ -325,11 +333,22 @@ def _nll_of(calibrated: np.ndarray, labels: np.ndarray) -> float:
 
 
 def from_record(record: dict[str, Any]) -> Calibration:
-    """calibration.json -> Calibration; a record from before the bias (or the top-label map) existed has none."""
+    """calibration.json -> Calibration; a record from before the bias (or the top-label map) existed has
+    none. A value that is not a number is refused naming its field."""
+    def number(value: Any, field: str) -> float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"calibration.json: {field} must be a number, got {value!r}") from None
+
     bias = record.get("bias")
     top = record.get("top_label") or {}
-    return Calibration(float(record["temperature"]), None if bias is None else tuple(float(b) for b in bias),
-                       float(top.get("slope", 1.0)), float(top.get("intercept", 0.0)))
+    fitted = Calibration(number(record.get("temperature"), "temperature"),
+                         None if bias is None else tuple(number(b, "bias") for b in bias),
+                         number(top.get("slope", 1.0), "top_label.slope"),
+                         number(top.get("intercept", 0.0), "top_label.intercept"))
+    fitted.check()
+    return fitted
 
 
 def load_record(layout: Layout, run_id: str) -> dict[str, Any] | None:

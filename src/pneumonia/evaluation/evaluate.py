@@ -8,7 +8,7 @@ confusion_matrix.png, training_curves.png, roc.png, reliability.png, gradcam.png
 report/_SUCCESS.json.
 
 The run's calibration (runs/<run_id>/calibration.json, fitted on val when training ended: the
-class-weight prior undone, then a temperature) is applied to the model's probabilities before
+class-weight prior undone, a temperature, then the top-label map) is applied to the model's probabilities before
 anything is measured or written, exactly as the serving signature applies it: predictions.jsonl and
 every metric use calibrated probabilities; only the "before" figures use the raw ones.
 """
@@ -169,6 +169,8 @@ def _fingerprint(weights_path: str, marker: dict[str, Any], fitted: calibration.
     payload = {"version": REPORT_VERSION, "weights_sha256": storage.sha256_file(weights_path),
                "test_shards": test_shards, "temperature": fitted.temperature,
                "bias": list(fitted.bias or ()), "report": dataclasses.asdict(report_config)}
+    if not fitted.top_label_is_identity:  # only then: a report from before the map keeps its fingerprint
+        payload["top_label"] = [fitted.top_slope, fitted.top_intercept]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -431,8 +431,9 @@ def _mean_top(probabilities: np.ndarray) -> float | None:
 
 
 CONFIDENCE_TOLERANCE = 0.03  # how close a calibrated mean confidence should come to the accuracy
-# Below this slope the top-label map moves a top-class probability by under ~0.05 across the usual
-# range of confidences (logit 0 to 4.6), so films no longer differ much: the report says what that means.
+# Below this slope the top-label map spreads the usual range of confidences (logit 0 to 4.6, c 0.5 to
+# 0.99) over less than about 0.1 of probability, so films no longer differ much: the report says what
+# that means.
 FLAT_TOP_LABEL_SLOPE = 0.1
 
 _METHOD_TEXT = {
@@ -493,7 +494,8 @@ def calibration_section(summary: Mapping[str, Any] | None) -> list[str]:
         lines += ["", f"The top-label map is nearly flat (a = {top_label['slope']:.3f}): on validation, how sure the "
                       "model was did not tell its right calls from its wrong ones, so every film's top class gets "
                       "about the same probability. Read a film's probability as the model's hit rate on films like "
-                      "the test set's, not as how sure it is of that film."]
+                      "the test set's, not as how sure it is of that film. The ROC curves and AUCs use these "
+                      "probabilities too, as served: films the map ties are no longer ranked."]
     return lines + ["", "The reliability diagram (`reliability.png`) shows accuracy against confidence per bin."]
 
 
@@ -502,7 +504,7 @@ def plot_reliability(labels: np.ndarray, raw_probabilities: np.ndarray, probabil
     """Accuracy per confidence bin against the diagonal, before and after temperature scaling, counts below."""
     figure = Figure(figsize=(10, 6), dpi=PLOT_DPI, layout="constrained")
     grid = figure.add_gridspec(2, 2, height_ratios=(3, 1))
-    panels = (("before (raw)", raw_probabilities), (f"after (T = {temperature:.2f})", probabilities))
+    panels = (("before (raw)", raw_probabilities), (f"after (calibrated, T = {temperature:.2f})", probabilities))
     for column, (title, values) in enumerate(panels):
         bins = uncertainty.reliability(labels, values)
         centres = (bins.edges[:-1] + bins.edges[1:]) / 2

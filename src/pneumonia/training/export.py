@@ -66,26 +66,21 @@ def apply_calibration(probabilities: tf.Tensor, fitted: calibration.Calibration)
     """calibration.Calibration.apply as graph ops: softmax(log(p) / T + bias), then the top-label map."""
     log_p = tf.math.log(tf.maximum(tf.cast(probabilities, tf.float32), calibration.PROBABILITY_FLOOR))
     bias = tf.constant(fitted.bias_vector(len(CLASS_NAMES)), tf.float32)
-    scaled = tf.nn.softmax(log_p / tf.constant(fitted.temperature, tf.float32) + bias, axis=-1)
+    log_scaled = tf.nn.log_softmax(log_p / tf.constant(fitted.temperature, tf.float32) + bias, axis=-1)
     if fitted.top_label_is_identity:
-        return scaled
-    return top_label_map(scaled, fitted.top_slope, fitted.top_intercept)
+        return tf.exp(log_scaled)
+    return top_label_map(log_scaled, fitted.top_slope, fitted.top_intercept)
 
 
-def top_label_map(probabilities: tf.Tensor, slope: float, intercept: float) -> tf.Tensor:
-    """calibration.top_label_map as graph ops (float32): the top probability c becomes
-    sigmoid(slope * logit(c) + intercept), the others share the rest in their proportions, the top
-    kept at least the runner-up's share."""
-    num_classes = len(CLASS_NAMES)
-    is_top = tf.one_hot(tf.argmax(probabilities, axis=-1), num_classes, dtype=tf.float32)
-    top = tf.reduce_sum(probabilities * is_top, axis=-1)
-    others = probabilities * (1.0 - is_top)
-    others_sum = tf.reduce_sum(others, axis=-1, keepdims=True)
-    share = tf.where(others_sum > 0, others / tf.maximum(others_sum, calibration.PROBABILITY_FLOOR),
-                     (1.0 - is_top) / (num_classes - 1))
-    edge = calibration.TOP_LABEL_EDGE
-    clipped = tf.clip_by_value(top, edge, 1.0 - edge)
-    logit = tf.math.log(clipped) - tf.math.log1p(-clipped)
+def top_label_map(log_probabilities: tf.Tensor, slope: float, intercept: float) -> tf.Tensor:
+    """calibration.top_label_map as graph ops (float32), in log space as there: logit(c) = log c -
+    logsumexp(log of the others), the others' shares a softmax over them, the top kept above the
+    runner-up's share."""
+    is_top = tf.one_hot(tf.argmax(log_probabilities, axis=-1), len(CLASS_NAMES), dtype=tf.float32)
+    others = tf.where(is_top > 0, tf.constant(-np.inf, tf.float32), log_probabilities)
+    log_rest = tf.reduce_logsumexp(others, axis=-1)
+    share = tf.exp(others - log_rest[:, None])  # 0 at the winner
+    logit = tf.reduce_sum(log_probabilities * is_top, axis=-1) - log_rest
     mapped = tf.sigmoid(tf.constant(slope, tf.float32) * logit + tf.constant(intercept, tf.float32))
     runner_up = tf.reduce_max(share, axis=-1)
     mapped = tf.maximum(mapped, runner_up / (1.0 + runner_up) + calibration.TOP_LABEL_MARGIN)

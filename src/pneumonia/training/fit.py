@@ -338,7 +338,7 @@ def _finish(model: keras.Model, config: PipelineConfig, layout: Layout, spec: cl
     saved = best.saved or {}  # what the best-weights file holds, read from the file's own record
     best_record = {"monitor": MONITOR, "value": saved.get("value"), "epoch": saved.get("epoch")}
     # The export holds the best weights (what evaluate scores), not the last epoch's, in float32
-    # rather than the training policy, with the temperature fitted on val (chief only: the
+    # rather than the training policy, with the calibration fitted on val (chief only: the
     # model is rebuilt outside the strategy, and no other worker has anything to add).
     exported = export.export_run(layout, run_id)
     done = {
