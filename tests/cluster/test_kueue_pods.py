@@ -113,7 +113,6 @@ def queued_run(kube_cluster: Any, kueue: KueueController, pod_bed: bed.PodNetwor
 def test_a_deactivated_workload_is_readmitted_and_resumes_from_the_backup_without_spending_retries(
         queued_run: tuple[Queues, TrainRun]) -> None:
     queues, run = queued_run
-    started = time.monotonic()
     workload = Workload(queues)
     # The Job as the launcher made it: Kueue's label, created suspended, admitted by Kueue alone.
     job = jobs.job(run.kubeconfig, run.namespace, TRAIN)
@@ -126,6 +125,7 @@ def test_a_deactivated_workload_is_readmitted_and_resumes_from_the_backup_withou
     assert {pod["spec"]["nodeSelector"]["cloud.google.com/gke-nodepool"] for pod in first.values()} == {pool}
 
     workload.set_active(False)
+    deactivated = time.monotonic()
     evicted = workload.wait("Evicted", "True", "Kueue to evict the deactivated Workload")
     suspended = jobs.wait_for(lambda: (c := job_condition(run, "Suspended")).get("status") == "True" and c,
                               KUEUE_S, "the Job suspended")
@@ -133,13 +133,15 @@ def test_a_deactivated_workload_is_readmitted_and_resumes_from_the_backup_withou
                   "the first pods to stop and go")
     released = workload.wait("QuotaReserved", "False", "Kueue to release the quota")
     while_evicted = workload.conditions()
-    stopped_s = time.monotonic() - started
+    stopped_s = time.monotonic() - deactivated
 
     workload.set_active(True)
+    reactivated = time.monotonic()
     admitted_again = workload.wait("Admitted", "True", "Kueue to admit the Workload again")
+    readmitted_s = time.monotonic() - reactivated
     requeued = workload.condition("Requeued")
     assert run.wait_end() == ("Complete", "CompletionsReached"), run.summary()
-    ended_s = time.monotonic() - started
+    ended_s = time.monotonic() - reactivated
 
     pods, status = run.pods(), run.status()
     final = workload.read()
@@ -157,7 +159,8 @@ def test_a_deactivated_workload_is_readmitted_and_resumes_from_the_backup_withou
                  for index, attempts in pods.items()},
         "stopped at": {index: (e.get("epoch"), e.get("step")) for index, e in stops.items()},
         "resumed at": {index: (e.get("epoch"), e.get("step")) for index, e in positions.items()},
-        "seconds": {"to the pods gone": round(stopped_s), "to Complete": round(ended_s)},
+        "seconds": {"deactivated to pods gone": round(stopped_s), "reactivated to admitted": round(readmitted_s),
+                    "reactivated to Complete": round(ended_s)},
     }
     # (the fixture prints run.summary() too: each pod's phase, exit code and counts, the Job's status)
     print("\nKueue deactivation with real pods:\n" + json.dumps(report, default=str))
