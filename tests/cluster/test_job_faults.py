@@ -38,10 +38,12 @@ END_TIMEOUT_S = 900  # from the fault to the Job's end: replacements, the remain
 class TrainRun:
     """One train Job in a namespace of its own, reading everything back from the API."""
 
-    def __init__(self, cluster, testbed: bed.PodNetworkBed, shards: Path, name: str, **objects) -> None:  # noqa: ANN001, ANN003
+    def __init__(self, cluster, testbed: bed.PodNetworkBed, shards: Path, name: str,  # noqa: ANN001
+                 namespace: str = "", **objects) -> None:  # noqa: ANN003
+        """`namespace`: one that exists already (a Kueue test's, with its LocalQueue); else a new one."""
         self.kubeconfig = str(cluster.kubeconfig)
         self.testbed = testbed
-        self.namespace = f"faults-{name}-{uuid.uuid4().hex[:6]}"
+        self.namespace = namespace or f"faults-{name}-{uuid.uuid4().hex[:6]}"
         self.root = f"gs://{testbed.bucket}/{self.namespace}"
         self.run_id = name
         copy_shards(shards, self.root)

@@ -55,14 +55,16 @@ def kueue(kube_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 class Queues:
     """One test's namespace, node pools, flavors, ClusterQueue and LocalQueue, from manifests/kueue/."""
 
-    def __init__(self, kube_cluster: Any, gpu_quota: dict[str, int], pools: dict[str, int]) -> None:
+    def __init__(self, kube_cluster: Any, gpu_quota: dict[str, int], pools: dict[str, int],
+                 namespace_prefix: str = "kueue") -> None:
         self.kube_cluster = kube_cluster
         self.api = api_client(kube_cluster.kubeconfig)
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
         self.core = kubernetes.client.CoreV1Api(self.api)
         self.batch = kubernetes.client.BatchV1Api(self.api)
         self.suffix = unique_name("kq").split("-", 1)[1]
-        self.namespace = create_namespace(self.core, f"kueue-{self.suffix}")  # with the pods' ServiceAccount
+        # with the pods' ServiceAccount; the prefix tells a kubelet stand-in whose pods to run
+        self.namespace = create_namespace(self.core, f"{namespace_prefix}-{self.suffix}")
         self.client = kc.KubeClient(namespace=self.namespace, api_client=self.api)
         self.created: list[tuple[str, str]] = []  # (plural, name) of cluster-scoped objects
         self.nodes: list[str] = []
