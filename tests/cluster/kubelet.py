@@ -17,6 +17,13 @@ This process plays the kubelet's part for every node, and only that part:
 * deleting or evicting a pod stops its container with SIGTERM, then SIGKILL after the pod's grace
   period (`podman stop -t`); once it has stopped, its final status is written and the pod is deleted
   with grace 0, as a kubelet finalizes a deletion;
+* graceful node shutdown (a spot VM's preemption notice; `request_node_shutdown` asks for it, as the
+  VM's shutdown event asks a kubelet): the node is reported NotReady ("node is shutting down"), new
+  pods bound to it are rejected (Failed, reason NodeShutdown), and each running container gets
+  SIGTERM, then SIGKILL after the pod's grace period capped at the node's shutdown grace (15 s for
+  non-system pods on GKE); the pod ends Failed with the container's exit code, reason Terminated and
+  the DisruptionTarget condition (TerminationByKubelet), as pkg/kubelet/nodeshutdown writes them. The
+  pod is not deleted: the node going away is the test's part, as it is GKE's;
 * a pod whose node was deleted (node loss) is left to the controllers (the pod GC marks and deletes
   it); its container is killed, as a lost machine's processes are gone;
 * `kubectl logs`: the container logs in CRI format (podman's k8s-file driver) to a file, and a KWOK
@@ -56,6 +63,14 @@ PODMAN_TIMEOUT_S = 120
 # the others from the bottom up, so the two meet only after ~190 pods on one network.
 FIXED_HOSTS = 64
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+# Graceful node shutdown, with the words of kubelet 1.36 (pkg/kubelet/nodeshutdown, pkg/kubelet/nodestatus).
+SHUTDOWN_DIR = "node-shutdown"  # under --workdir: one file per node to shut down, holding its grace in seconds
+GKE_SHUTDOWN_GRACE_S = 15  # what GKE's kubelet gives non-system pods on a spot VM's notice (the VM goes at 30 s)
+NODE_SHUTTING_DOWN = "node is shutting down"
+NODE_SHUTDOWN_REASON = "Terminated"
+NODE_SHUTDOWN_MESSAGE = "Pod was terminated in response to imminent node shutdown."
+NOT_ADMITTED_REASON = "NodeShutdown"
+NOT_ADMITTED_MESSAGE = "Pod was rejected as the node is shutting down."
 LOGS_API = ("kwok.x-k8s.io", "v1alpha1", "logs")
 
 log = logging.getLogger("kubelet")
@@ -83,6 +98,14 @@ def podman_time(value: str) -> str:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=datetime.UTC)
     return parsed.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def request_node_shutdown(workdir: Path, node: str, grace_s: int = GKE_SHUTDOWN_GRACE_S) -> None:
+    """Ask the kubelet stand-in serving `workdir` to shut `node` down gracefully (its next sync: ~1 s)."""
+    folder = workdir / SHUTDOWN_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f".{node}").write_text(f"{grace_s}\n")
+    (folder / f".{node}").rename(folder / node)  # whole, or not there
 
 
 def container_name(network: str, namespace: str, pod: str, uid: str) -> str:
@@ -148,6 +171,7 @@ class Kubelet:
         self.logs_crd = True
         self.stop = threading.Event()
         self.start_failed: dict[str, float] = {}  # pod uid -> when its container last failed to start
+        self.shutting_down: dict[str, int] = {}  # node -> its shutdown grace (seconds), once asked
 
     # -- the API ----------------------------------------------------------------------------------
 
@@ -191,6 +215,7 @@ class Kubelet:
     def sync_once(self) -> None:
         pods_bound = self.list_json(self.core.list_pod_for_all_namespaces, field_selector="spec.nodeName!=")
         nodes = {node["metadata"]["name"] for node in self.list_json(self.core.list_node)}
+        self.begin_node_shutdowns(nodes)
         containers = self.containers()
         alive = set()
         for pod in pods_bound:
@@ -231,6 +256,8 @@ class Kubelet:
                 return  # we removed it after finalizing; the pod object goes with its finalizers
             if deleting:
                 self.delete_pod(meta["namespace"], meta["name"], uid)
+            elif status.get("phase", "Pending") == "Pending" and pod["spec"]["nodeName"] in self.shutting_down:
+                self.reject_during_shutdown(pod)
             elif status.get("phase", "Pending") == "Pending" and time.monotonic() - self.start_failed.get(uid, -1e9) > 10:
                 self.start(pod)
             return
@@ -248,9 +275,43 @@ class Kubelet:
             self.report_running(pod, tracked)
         if deleting and tracked.stopping is None:
             grace = meta.get("deletionGracePeriodSeconds", pod["spec"].get("terminationGracePeriodSeconds", 30))
-            log.info("stopping %s/%s: SIGTERM, SIGKILL after %ss", meta["namespace"], meta["name"], grace)
-            tracked.stopping = subprocess.Popen(["podman", "stop", "--time", str(grace), tracked.container_name],
-                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.stop_container(pod, tracked, grace)
+        elif pod["spec"]["nodeName"] in self.shutting_down and tracked.stopping is None:
+            # The pod's own grace period, but no more than the node has left (kubelet's killPods).
+            grace = min(pod["spec"].get("terminationGracePeriodSeconds", 30), self.shutting_down[pod["spec"]["nodeName"]])
+            tracked.extra["node_shutdown"] = True
+            self.stop_container(pod, tracked, grace)
+
+    def stop_container(self, pod: dict, tracked: Tracked, grace: int) -> None:
+        meta = pod["metadata"]
+        log.info("stopping %s/%s: SIGTERM, SIGKILL after %ss", meta["namespace"], meta["name"], grace)
+        tracked.stopping = subprocess.Popen(["podman", "stop", "--time", str(grace), tracked.container_name],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    # -- graceful node shutdown -------------------------------------------------------------------
+
+    def begin_node_shutdowns(self, nodes: set[str]) -> None:
+        """Nodes newly asked to shut down (files under workdir/node-shutdown/): reported NotReady at once,
+        as the kubelet does before it stops any pod (the node lifecycle controller then taints it
+        not-ready:NoSchedule and the scheduler places nothing more there)."""
+        folder = self.workdir / SHUTDOWN_DIR
+        for request in sorted(folder.iterdir()) if folder.is_dir() else ():
+            node = request.name
+            if node.startswith(".") or node in self.shutting_down or node not in nodes:
+                continue
+            self.shutting_down[node] = int(request.read_text().strip() or GKE_SHUTDOWN_GRACE_S)
+            log.info("node %s: shutting down, grace %ss", node, self.shutting_down[node])
+            now = now_rfc3339()
+            self.core.patch_node_status(node, {"status": {"conditions": [{
+                "type": "Ready", "status": "False", "reason": "KubeletNotReady", "message": NODE_SHUTTING_DOWN,
+                "lastHeartbeatTime": now, "lastTransitionTime": now}]}})
+
+    def reject_during_shutdown(self, pod: dict) -> None:
+        """A pod bound to a node that is shutting down is not admitted (the kubelet's admit handler)."""
+        meta = pod["metadata"]
+        log.warning("%s/%s: rejected: %s", meta["namespace"], meta["name"], NOT_ADMITTED_MESSAGE)
+        self.patch_status(meta["namespace"], meta["name"], {
+            "phase": "Failed", "reason": NOT_ADMITTED_REASON, "message": NOT_ADMITTED_MESSAGE})
 
     # -- starting ---------------------------------------------------------------------------------
 
@@ -431,6 +492,11 @@ class Kubelet:
             "state": {"waiting": None, "running": None, "terminated": {
                 "exitCode": code, "reason": reason, "startedAt": started, "finishedAt": finished,
                 "containerID": f"podman://{info['Id']}"}}}]
+        if tracked.extra.get("node_shutdown"):
+            # The phase the container gave, with the kubelet's words for why it was stopped.
+            status["reason"], status["message"] = NODE_SHUTDOWN_REASON, NODE_SHUTDOWN_MESSAGE
+            status["conditions"].append(self.condition("DisruptionTarget", "True", finished, "TerminationByKubelet",
+                                                       NODE_SHUTDOWN_MESSAGE))
         log.info("%s/%s: container exited %s (%s): phase %s", tracked.namespace, tracked.name, code, reason, phase)
         self.patch_status(tracked.namespace, tracked.name, status)
         tracked.reported = "terminated"
@@ -449,10 +515,12 @@ class Kubelet:
                                    "state": {"waiting": {"reason": reason, "message": message}}}]})
 
     @staticmethod
-    def condition(kind: str, value: str, when: str, reason: str | None = None) -> dict:
+    def condition(kind: str, value: str, when: str, reason: str | None = None, message: str | None = None) -> dict:
         condition = {"type": kind, "status": value, "lastTransitionTime": when, "lastProbeTime": None}
         if reason:
             condition["reason"] = reason
+        if message:
+            condition["message"] = message
         return condition
 
     # -- ending -----------------------------------------------------------------------------------
