@@ -58,6 +58,7 @@ KUEUE_S = 120  # for Kueue and the Job controller to act on a change (seconds on
 STOP_S = 300  # for both workers to stop after SIGTERM and their pods to go (the grace period is 120 s)
 EPOCHS = 8
 STOPPED_ON_SIGTERM = "stop requested (SIGTERM): backup saved"  # training/callbacks.py ResumableBackup
+EXIT_SIGKILL = 137
 DISRUPTED_BY_SHUTDOWN = ("TerminationByKubelet", kubelet_module.NODE_SHUTDOWN_MESSAGE)
 
 
@@ -307,9 +308,14 @@ def test_a_spot_node_shut_down_mid_epoch_costs_no_retry_and_the_workers_resume_f
     assert shut_down["status"].get("reason") == kubelet_module.NODE_SHUTDOWN_REASON, report
     assert disruption.get("status") == "True" and (disruption.get("reason"), disruption.get("message")) == \
         DISRUPTED_BY_SHUTDOWN, report
-    # The workers' part: worker 1 saved its backup within the 15 s and exited 143; worker 0, told at
-    # the same agreed step, did the same (its pod was not on that node: no DisruptionTarget).
-    assert [jobs.exit_code(pods[index][0]) for index in (0, 1)] == [EXIT_PREEMPTED] * 2, report
+    # The workers' part: both saved the backup at the same agreed step (their logs, checked below) and
+    # worker 0 exited 143 (its pod was not on that node: no DisruptionTarget). Worker 1 exits 143 if its
+    # process is gone within GKE's 15 s, else the kubelet SIGKILLs it (137) after the backup is saved;
+    # on this busy machine it was 137 in run 1 of 1 (the SIGTERM came during epoch 1's validation, the
+    # stop was agreed 10 s later, the process had logged its exit 2 s before the SIGKILL). Either way
+    # DisruptionTarget makes its end ignored, and nothing is lost.
+    assert jobs.exit_code(pods[0][0]) == EXIT_PREEMPTED, report
+    assert jobs.exit_code(pods[1][0]) in (EXIT_PREEMPTED, EXIT_SIGKILL), report
     assert not jobs.has_condition(pods[0][0], "DisruptionTarget"), report
     assert all(pod["spec"]["nodeName"] != node for attempts in pods.values() for pod in attempts[1:]), report
     assert_resumed_where_they_stopped(run, pods, stops, report)
