@@ -132,6 +132,28 @@ def assert_resumed_where_they_stopped(run: TrainRun, pods: dict[int, list[dict[s
     assert all(jobs.exit_code(attempts[-1]) == 0 for attempts in pods.values()), report
 
 
+def assert_no_retry_spent(status: dict[str, Any], pods: dict[int, list[dict[str, Any]]], report: dict[str, Any]) -> None:
+    """Nothing counted against the Job or any index: no failed pods in the Job's status, and every
+    replacement's per-index failure count (the Job controller's annotation) 0."""
+    assert status.get("failed", 0) == 0 and not status.get("failedIndexes"), report
+    assert all(jobs.counts(pod)[0] == 0 for attempts in pods.values() for pod in attempts), report
+
+
+def assert_a_suspension_cost_nothing(run: TrainRun, pods: dict[int, list[dict[str, Any]]], status: dict[str, Any],
+                                     stops: dict[int, dict[str, Any]], report: dict[str, Any]) -> None:
+    """The workers' part of a Kueue eviction: each first pod stopped on SIGTERM with its backup saved,
+    exit 143, and the replacement resumed where they stopped, not at epoch 0; nothing counted."""
+    assert all(len(attempts) == 2 for attempts in pods.values()), report
+    assert [jobs.exit_code(attempts[0]) for attempts in pods.values()] == [EXIT_PREEMPTED] * 2, report
+    # As the issue says of a Kueue eviction: the deleted pods carry no DisruptionTarget condition.
+    assert not any(jobs.has_condition(attempts[0], "DisruptionTarget") for attempts in pods.values()), report
+    assert_resumed_where_they_stopped(run, pods, stops, report)
+    assert_no_retry_spent(status, pods, report)
+    # The Job controller removed its tracking finalizer before deleting the suspended Job's pods: their
+    # ends were not even counted as ignored failures.
+    assert [jobs.counts(attempts[-1]) for attempts in pods.values()] == [(0, 0), (0, 0)], report
+
+
 @pytest.fixture
 def make_run(kube_cluster: Any, kueue: KueueController, pod_bed: bed.PodNetworkBed,  # noqa: F811
              tiny_shards: Path) -> Iterator[Any]:  # noqa: F811
@@ -221,24 +243,7 @@ def test_a_deactivated_workload_is_readmitted_and_resumes_from_the_backup_withou
     # The Job's part: suspended by Kueue, then resumed, and Complete.
     assert suspended["reason"] == "JobSuspended", report
     assert resumed.get("status") == "False" and resumed.get("reason") == "JobResumed", report
-    # The workers' part: each first pod stopped on SIGTERM with its backup saved, exit 143, and the
-    # replacement resumed where they stopped (the same position on both workers), not at epoch 0.
-    assert all(len(attempts) == 2 for attempts in pods.values()), report
-    assert [jobs.exit_code(attempts[0]) for attempts in pods.values()] == [EXIT_PREEMPTED] * 2, report
-    # As the issue says of a Kueue eviction: the deleted pods carry no DisruptionTarget condition.
-    assert not any(jobs.has_condition(attempts[0], "DisruptionTarget") for attempts in pods.values()), report
-    assert_resumed_where_they_stopped(run, pods, stops, report)
-    assert_no_retry_spent(status, pods, report)
-    # The Job controller removed its tracking finalizer before deleting the suspended Job's pods: their
-    # ends were not even counted as ignored failures.
-    assert [jobs.counts(attempts[-1]) for attempts in pods.values()] == [(0, 0), (0, 0)], report
-
-
-def assert_no_retry_spent(status: dict[str, Any], pods: dict[int, list[dict[str, Any]]], report: dict[str, Any]) -> None:
-    """Nothing counted against the Job or any index: no failed pods in the Job's status, and every
-    replacement's per-index failure count (the Job controller's annotation) 0."""
-    assert status.get("failed", 0) == 0 and not status.get("failedIndexes"), report
-    assert all(jobs.counts(pod)[0] == 0 for attempts in pods.values() for pod in attempts), report
+    assert_a_suspension_cost_nothing(run, pods, status, stops, report)
 
 
 def node_condition(kubeconfig: str, node: str, kind: str) -> dict[str, Any]:
@@ -379,10 +384,4 @@ def test_preemption_by_a_higher_priority_workload_costs_no_retry_and_the_workers
     assert evicted["reason"] == "Preempted" and preempted.get("status") == "True", report
     assert [e["reason"] for e in final["status"]["schedulingStats"]["evictions"]] == ["Preempted"], report
     assert suspended["reason"] == "JobSuspended", report
-    assert all(len(attempts) == 2 for attempts in pods.values()), report
-    assert [jobs.exit_code(attempts[0]) for attempts in pods.values()] == [EXIT_PREEMPTED] * 2, report
-    assert not any(jobs.has_condition(attempts[0], "DisruptionTarget") for attempts in pods.values()), report
-    assert_resumed_where_they_stopped(run, pods, stops, report)
-    assert_no_retry_spent(status, pods, report)
-    # Suspended: the Job controller removed the pods' tracking finalizers first, so not even ignored.
-    assert [jobs.counts(attempts[-1]) for attempts in pods.values()] == [(0, 0), (0, 0)], report
+    assert_a_suspension_cost_nothing(run, pods, status, stops, report)
