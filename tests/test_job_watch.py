@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ CANNOT_READ = "cannot read the Job through the Kubernetes API"
 
 
 def stamp(unix_time: float) -> str:
-    return datetime.fromtimestamp(unix_time, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(unix_time, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def train_job(uid: str = "uid-1", failed_at: float | None = None, reason: str = "MaxFailedIndexesExceeded",
