@@ -66,8 +66,7 @@ def wait_for_finished_run(layout: Layout, config: PipelineConfig, stale_grace_s:
 
     def believed(at: float) -> bool:
         # An ending from before this wait may be an earlier attempt's, about to be replaced by a resume.
-        # (The API server's times have whole seconds: a second's slack.)
-        return at >= began - 1.0 or time.time() - began >= stale_grace_s
+        return at >= began or time.time() - began >= stale_grace_s
 
     def check() -> tuple[dict[str, Any] | None, list[str]]:
         if storage.exists(marker):
@@ -76,7 +75,7 @@ def wait_for_finished_run(layout: Layout, config: PipelineConfig, stale_grace_s:
         if ended is not None and believed(float(ended.get("ended_at", 0))):
             raise ended_error(run_id, ended, layout.run_ended(run_id))
         failed = train_job.failure()
-        if failed is not None and believed(failed.failed_at):
+        if failed is not None and believed(failed.failed_at + 1.0):  # the API's times have whole seconds
             raise job_failed_error(run_id, failed)
         return ended, [f"no {marker} yet" + (f" (an earlier process of the run {ended.get('status')}; waiting "
                                              "for a resume to clear it)" if ended else "")]
