@@ -101,6 +101,7 @@ def test_a_failed_train_job_ends_the_wait_with_exit_2_and_its_reason(tmp_path: P
     message = str(error.value)
     assert "the train Job ns-1/pneumonia-train (uid uid-1) of run r failed: MaxFailedIndexesExceeded: " \
            "Job has exceeded maxFailedIndexes" in message
+    assert "`kubectl -n ns-1 describe job pneumonia-train`" in message
     assert "delete the train and evaluate Jobs and apply them again" in message
     assert set(api.asked) == {("ns-1", "my-train")}  # cluster.train_job_name, in the pod's own namespace
 

@@ -321,7 +321,8 @@ SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 class JobFailure:
     """A Job's Failed=True condition, as its controller wrote it."""
 
-    job: str  # namespace/name
+    namespace: str
+    name: str
     uid: str
     reason: str  # e.g. MaxFailedIndexesExceeded, BackoffLimitExceeded, DeadlineExceeded, PodFailurePolicy
     message: str
@@ -337,7 +338,7 @@ def job_failure(job: dict[str, Any]) -> JobFailure | None:
         if condition.get("type") == "Failed" and condition.get("status") == "True":
             changed = condition.get("lastTransitionTime") or ""
             failed_at = datetime.fromisoformat(changed.replace("Z", "+00:00")).timestamp() if changed else 0.0
-            return JobFailure(f"{metadata.get('namespace')}/{metadata.get('name')}", metadata.get("uid", ""),
+            return JobFailure(metadata.get("namespace", ""), metadata.get("name", ""), metadata.get("uid", ""),
                               condition.get("reason", ""), condition.get("message", ""), failed_at)
     return None
 

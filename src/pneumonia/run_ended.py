@@ -92,10 +92,10 @@ def wait_for_finished_run(layout: Layout, config: PipelineConfig, stale_grace_s:
 
 
 def job_failed_error(run_id: str, failed: cluster.JobFailure) -> BadInputError:
-    return BadInputError(f"the train Job {failed.job} (uid {failed.uid}) of run {run_id} failed: {failed.reason}: "
-                         f"{failed.message or 'no message'}. Nothing to evaluate: see why with kubectl describe job "
-                         "and the train pods' logs, fix it, then delete the train and evaluate Jobs and apply them "
-                         "again (same train.run_id resumes the run)")
+    return BadInputError(f"the train Job {failed.namespace}/{failed.name} (uid {failed.uid}) of run {run_id} failed: "
+                         f"{failed.reason}: {failed.message or 'no message'}. Nothing to evaluate: see why with "
+                         f"`kubectl -n {failed.namespace} describe job {failed.name}` and its pods' logs, fix it, then "
+                         "delete the train and evaluate Jobs and apply them again (same train.run_id resumes the run)")
 
 
 def ended_error(run_id: str, ended: dict[str, Any], path: str) -> BadInputError:
