@@ -208,7 +208,8 @@ class IndexedJob:
             if self.counted[pod.index] > self.backoff_limit_per_index:
                 self.failed_indexes.add(pod.index)
         if self.max_failed_indexes is not None and len(self.failed_indexes) > self.max_failed_indexes:
-            self._end("Failed", f"FailedIndexes {sorted(self.failed_indexes)}")
+            # kube-controller-manager's reason (1.36): "FailedIndexes" is for a Job whose every index ended.
+            self._end("Failed", f"MaxFailedIndexesExceeded {sorted(self.failed_indexes)}")
         elif pod.index not in self.failed_indexes:
             self._start(pod.index)
         elif len(self.succeeded | self.failed_indexes) == self.completions:

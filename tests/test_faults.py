@@ -226,7 +226,7 @@ def test_a_worker_crashing_on_every_start_fails_the_job_and_only_its_index_pays(
         job.terminate()
         print(job.summary())
     limit = TRAIN_JOB["spec"]["backoffLimitPerIndex"]
-    assert status == "Failed" and job.reason == "FailedIndexes [1]", job.summary()
+    assert status == "Failed" and job.reason == "MaxFailedIndexesExceeded [1]", job.summary()
     assert ends(job, 1) == [(SIGKILL_EXIT, "Count")] * (limit + 1), job.summary()
     assert job.counted == [0, limit + 1]
     # The survivor stopped each time its peer died, with the code nobody counts (or was still starting).

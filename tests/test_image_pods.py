@@ -225,3 +225,14 @@ def test_the_kubelet_stand_in_gives_a_jobs_hostnames_fixed_addresses() -> None:
     assert "pneumonia-train-1.pneumonia-train-workers.pneumonia.svc.cluster.local:10.0.0.11" in hosts
     assert kubelet.podman_time("2026-12-06T10:51:02.123456789Z") == "2026-12-06T10:51:02Z"
     assert kubelet.podman_time("2026-12-06T11:51:02.5+01:00") == "2026-12-06T10:51:02Z"
+
+
+def test_evaluates_api_token_is_mounted_by_the_stand_in_kubelet_and_left_out_without_an_api_server() -> None:
+    evaluate = mf.stage_jobs(demo_objects())["evaluate"]
+    # The image test has no API server: the pod runs as one without a token.
+    assert not any(pods.SERVICE_ACCOUNT_DIR in flag for flag in pod_of(evaluate).flags)
+    # The kubelet stand-in writes the projected volume (token, ca.crt, namespace) and mounts it read-only.
+    pod = {"metadata": {"name": "pneumonia-evaluate-x", "namespace": "pneumonia", "uid": "u-2", "labels": {}},
+           "spec": mf.pod_spec(evaluate), "status": {}}
+    flags = pods.api_pod(pod, name="c", config_dirs={"config": "/c", "kube-api-access": "/host/pod/token"}).flags
+    assert f"/host/pod/token:{pods.SERVICE_ACCOUNT_DIR}:ro" in flags

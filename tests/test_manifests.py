@@ -76,7 +76,7 @@ def test_manifest_files_are_numbered_one_resource_each_in_pipeline_order() -> No
     paths = sorted(mf.MANIFEST_DIR.glob("*.yaml"))
     assert [p.name for p in paths] == [
         "00-namespace.yaml", "01-serviceaccount.yaml", "02-role.yaml", "03-rolebinding.yaml", "04-configmap.yaml",
-        "10-preprocess-job.yaml", "20-shard-job.yaml", "30-train-service.yaml", "31-train-job.yaml",
+        "05-evaluate-role.yaml", "06-evaluate-rolebinding.yaml", "10-preprocess-job.yaml", "20-shard-job.yaml", "30-train-service.yaml", "31-train-job.yaml",
         "40-evaluate-job.yaml"]
     for path in paths:
         assert len([doc for doc in yaml.safe_load_all(path.read_text()) if doc]) == 1, path
@@ -423,17 +423,49 @@ def test_tf_config_names_the_pods_dns_names(objects: list[dict], tmp_path: Path)
     assert subdomain == service["metadata"]["name"]
 
 
-def test_pods_need_no_kubernetes_api_and_the_role_is_namespaced() -> None:
+def named(objects: list[dict], kind: str, name: str) -> dict:
+    (found,) = [obj for obj in objects if obj["kind"] == kind and obj["metadata"]["name"] == name]
+    return found
+
+
+def test_only_evaluate_may_read_the_train_job_and_the_roles_are_namespaced() -> None:
     written = mf.load_manifests()
     account = one(written, "ServiceAccount")
     assert account["automountServiceAccountToken"] is False
     assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")
-    binding = one(written, "RoleBinding")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                                  "name": one(written, "Role")["metadata"]["name"]}
-    assert all(subject["kind"] != "ServiceAccount" for subject in binding["subjects"])
-    for rule in one(written, "Role")["rules"]:
-        assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "secrets" not in rule["resources"]
+    launcher = named(written, "RoleBinding", "pneumonia-launcher")
+    assert launcher["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pneumonia-launcher"}
+    assert all(subject["kind"] != "ServiceAccount" for subject in launcher["subjects"])
+    for role in (obj for obj in written if obj["kind"] == "Role"):
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "secrets" not in rule["resources"]
+    # The pods' account may GET the train Job by name, nothing else.
+    pods = named(written, "RoleBinding", "pneumonia-evaluate")
+    assert pods["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"],
+                                 "namespace": account["metadata"]["namespace"]}]
+    assert named(written, "Role", pods["roleRef"]["name"])["rules"] == [
+        {"apiGroups": ["batch"], "resources": ["jobs"], "resourceNames": ["pneumonia-train"], "verbs": ["get"]}]
+    # Of the pods, only evaluate holds a token: a short-lived projected one where the in-cluster client looks.
+    tokens = {stage: [volume["projected"] for volume in mf.pod_spec(job).get("volumes", []) if "projected" in volume]
+              for stage, job in jobs_of(written).items()}
+    assert tokens["preprocess"] == tokens["shard"] == tokens["train"] == []
+    (projected,) = tokens["evaluate"]
+    sources = {next(iter(source)): source[next(iter(source))] for source in projected["sources"]}
+    assert sources["serviceAccountToken"] == {"path": "token", "expirationSeconds": 600}
+    assert sources["configMap"]["name"] == "kube-root-ca.crt"
+    assert sources["downwardAPI"]["items"] == [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]
+    (mount,) = [m for m in mf.containers(jobs_of(written)["evaluate"])[0]["volumeMounts"]
+                if m["mountPath"] == cluster.SERVICE_ACCOUNT_DIR]
+    assert mount["readOnly"] is True
+
+
+def test_the_evaluate_role_follows_the_train_job_name() -> None:
+    config = load_config(None, ["cluster.train_job_name=other-train", "cluster.namespace=elsewhere"])
+    objects = mf.build_manifests(mf.load_manifests(), config)
+    assert named(objects, "Role", "pneumonia-evaluate")["rules"][0]["resourceNames"] == ["other-train"]
+    assert named(objects, "RoleBinding", "pneumonia-evaluate")["subjects"][0]["namespace"] == "elsewhere"
+    assert named(objects, "Role", "pneumonia-launcher")["rules"] == \
+        named(mf.load_manifests(), "Role", "pneumonia-launcher")["rules"]
 
 
 def test_the_gsa_patch_sets_the_workload_identity_annotation_and_nothing_else() -> None:

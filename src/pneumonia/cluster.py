@@ -11,6 +11,8 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from pneumonia import tf_startup
@@ -79,7 +81,7 @@ class IndexAttempt:
     def forgives_peer_loss(self, max_forgiven: int) -> bool:
         """A worker whose peers are gone exits with the code the Job ignores (75) until its index has been
         forgiven `max_forgiven` times; from then on it exits 1, which counts, so a partition that never
-        heals spends the index's retries and fails the Job (FailedIndexes) in bounded time instead of
+        heals spends the index's retries and fails the Job (MaxFailedIndexesExceeded) in bounded time instead of
         looping until activeDeadlineSeconds. The ignored count also holds preemptions: a run preempted
         that often gets counted peer losses, at most backoffLimitPerIndex of them before it fails."""
         return self.retry_limit is None or self.forgiven_before < max_forgiven
@@ -308,3 +310,80 @@ def make_strategy(config: ClusterConfig) -> tuple[Any, ClusterSpec]:
         strategy = tf.distribute.get_strategy()
         log.info("strategy", strategy="default", num_gpus=gpus)
     return strategy, spec
+
+
+# Where Kubernetes mounts a pod's API token, the cluster's CA and the pod's namespace (the evaluate pod
+# gets them from a projected volume: manifests/40-evaluate-job.yaml).
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+@dataclass(frozen=True)
+class JobFailure:
+    """A Job's Failed=True condition, as its controller wrote it."""
+
+    namespace: str
+    name: str
+    uid: str
+    reason: str  # e.g. MaxFailedIndexesExceeded, BackoffLimitExceeded, DeadlineExceeded, PodFailurePolicy
+    message: str
+    failed_at: float  # unix time of the condition
+
+
+def job_failure(job: dict[str, Any]) -> JobFailure | None:
+    """The Job's failure, or None while it has not failed, or while it is being deleted (to be replaced)."""
+    metadata = job.get("metadata") or {}
+    if metadata.get("deletionTimestamp"):
+        return None
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Failed" and condition.get("status") == "True":
+            changed = condition.get("lastTransitionTime") or ""
+            failed_at = datetime.fromisoformat(changed.replace("Z", "+00:00")).timestamp() if changed else 0.0
+            return JobFailure(metadata.get("namespace", ""), metadata.get("name", ""), metadata.get("uid", ""),
+                              condition.get("reason", ""), condition.get("message", ""), failed_at)
+    return None
+
+
+class JobWatch:
+    """Reads one Job of this pod's namespace through the Kubernetes API with the pod's own token, so that
+    a stage waiting for another learns that its Job failed where that Job's pods could leave no word (a
+    SIGKILL or OOM kill on an index's last attempt, the Job's activeDeadlineSeconds). Outside a cluster,
+    or when the API says no (403, 404, unreachable), `failure()` is None and that is logged once: the
+    waiting stage then goes by its files alone, as without this (an API fault is never bad input)."""
+
+    def __init__(self, job_name: str, account_dir: str = SERVICE_ACCOUNT_DIR,
+                 read_job: Callable[[str, str], dict[str, Any]] | None = None) -> None:
+        self.job_name, self.account_dir = job_name, account_dir
+        self._read_job, self._namespace, self._said = read_job, "", False
+
+    def failure(self) -> JobFailure | None:
+        from kubernetes.client.exceptions import ApiException
+        from kubernetes.config import ConfigException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            if not self._namespace:
+                self._namespace = Path(self.account_dir, "namespace").read_text().strip()
+            if self._read_job is None:
+                self._read_job = _in_cluster_job_reader(self.account_dir)
+            return job_failure(self._read_job(self._namespace, self.job_name))
+        except (ApiException, ConfigException, HTTPError, OSError) as error:
+            if not self._said:
+                why = f"HTTP {error.status} {error.reason}" if isinstance(error, ApiException) else str(error)
+                log.info("cannot read the Job through the Kubernetes API; going by the files alone", job=self.job_name,
+                         reason=why)
+                self._said = True
+            return None
+
+
+def _in_cluster_job_reader(account_dir: str) -> Callable[[str, str], dict[str, Any]]:
+    """read(namespace, name) -> the Job as a dict, with the pod's token and CA (ConfigException: none here)."""
+    from kubernetes import client
+    from kubernetes.config.incluster_config import InClusterConfigLoader
+
+    configuration = client.Configuration()
+    InClusterConfigLoader(token_filename=str(Path(account_dir, "token")),
+                          cert_filename=str(Path(account_dir, "ca.crt"))).load_and_set(configuration)
+    configuration.retries = 0  # the caller polls again
+    api = client.BatchV1Api(client.ApiClient(configuration))
+    return lambda namespace, name: api.api_client.sanitize_for_serialization(
+        api.read_namespaced_job(name, namespace, _request_timeout=10))

@@ -1,12 +1,13 @@
 """A run that ends without its marker says so, in runs/<run_id>/_ENDED.json, so that evaluate, which
 under `kubectl apply` waits for the run from the start, exits at once instead of holding its pod
-until its deadline (30 hours).
+until its deadline (30 hours). A train Job that failed without a word (a worker killed on its last
+attempt, the Job's deadline) is read from the Kubernetes API instead (cluster.JobWatch).
 
     {"status": "stopped" | "failed", "reason": "...", "ended_at": <unix time>}
 
 "stopped": train.max_epochs_this_process was reached (exit 0, the Job completes); "failed": bad
 input or config (exit 2, the podFailurePolicy fails the Job), or a counted failure on an index's last
-attempt (backoffLimitPerIndex spent: the Job fails with FailedIndexes; "job_uid" names that Job).
+attempt (backoffLimitPerIndex spent: the Job fails with MaxFailedIndexesExceeded; "job_uid" names that Job).
 Resuming the run removes it.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from pneumonia import storage
+from pneumonia import cluster, storage
 from pneumonia.config import PipelineConfig
 from pneumonia.data import upstream
 from pneumonia.errors import BadInputError
@@ -53,19 +54,29 @@ def read_end(layout: Layout, run_id: str) -> dict[str, Any] | None:
 
 
 def wait_for_finished_run(layout: Layout, config: PipelineConfig, stale_grace_s: float = STALE_END_GRACE_S,
-                          poll_s: float = 10.0) -> None:
+                          poll_s: float = 10.0, train_job: cluster.JobWatch | None = None) -> None:
     """Waits (bounded by cluster.upstream_wait_timeout_s) for the run's marker; exits at once (bad input,
-    exit 2, naming the run and why) when the run ended without one."""
+    exit 2, naming the run and why) when the run ended without one, or when the train Job
+    (cluster.train_job_name, read through the Kubernetes API where this pod may) failed: a worker killed
+    on its index's last attempt, or the Job's deadline, leaves no _ENDED.json."""
     run_id = config.train.run_id
     marker = layout.run_marker(run_id)
+    train_job = train_job or cluster.JobWatch(config.cluster.train_job_name)
     began = time.time()
+
+    def believed(at: float) -> bool:
+        # An ending from before this wait may be an earlier attempt's, about to be replaced by a resume.
+        return at >= began or time.time() - began >= stale_grace_s
 
     def check() -> tuple[dict[str, Any] | None, list[str]]:
         if storage.exists(marker):
             return None, []
         ended = read_end(layout, run_id)
-        if ended is not None and (float(ended.get("ended_at", 0)) >= began or time.time() - began >= stale_grace_s):
+        if ended is not None and believed(float(ended.get("ended_at", 0))):
             raise ended_error(run_id, ended, layout.run_ended(run_id))
+        failed = train_job.failure()
+        if failed is not None and believed(failed.failed_at + 1.0):  # the API's times have whole seconds
+            raise job_failed_error(run_id, failed)
         return ended, [f"no {marker} yet" + (f" (an earlier process of the run {ended.get('status')}; waiting "
                                              "for a resume to clear it)" if ended else "")]
 
@@ -78,6 +89,13 @@ def wait_for_finished_run(layout: Layout, config: PipelineConfig, stale_grace_s:
 
     upstream.wait_until_current(check, deadline=time.monotonic() + config.cluster.upstream_wait_timeout_s,
                                 give_up=give_up, poll_s=poll_s, waiting_for=f"run {run_id} to finish")
+
+
+def job_failed_error(run_id: str, failed: cluster.JobFailure) -> BadInputError:
+    return BadInputError(f"the train Job {failed.namespace}/{failed.name} (uid {failed.uid}) of run {run_id} failed: "
+                         f"{failed.reason}: {failed.message or 'no message'}. Nothing to evaluate: see why with "
+                         f"`kubectl -n {failed.namespace} describe job {failed.name}` and its pods' logs, fix it, then "
+                         "delete the train and evaluate Jobs and apply them again (same train.run_id resumes the run)")
 
 
 def ended_error(run_id: str, ended: dict[str, Any], path: str) -> BadInputError:

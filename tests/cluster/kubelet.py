@@ -7,7 +7,9 @@ This process plays the kubelet's part for every node, and only that part:
 * a pod bound to a node gets a container: its image (never pulled: `--pull never`; a missing image is
   the waiting reason ErrImageNeverPull, as on a node with imagePullPolicy Never), command, args, env with
   downward-API values (JOB_COMPLETION_INDEX is the Job controller's annotation fieldRef), ConfigMap and
-  emptyDir volumes, securityContext and memory limit (tests/image/pods.py translates the pod spec);
+  emptyDir volumes, a projected ServiceAccount token (TokenRequest bound to the pod, with the API server
+  reached through a relay on the network's gateway), securityContext and memory limit
+  (tests/image/pods.py translates the pod spec);
 * `<hostname>.<subdomain>` resolves between pods: this machine's podman has CNI without its DNS plugin,
   so a pod with a subdomain gets a fixed address on the test bed's network and `--add-host` entries
   for its Job's hostnames (known ahead: an Indexed Job's pods are `<job>-<index>`);
@@ -30,7 +32,7 @@ This process plays the kubelet's part for every node, and only that part:
   `Logs` object of the pod's name points KWOK's kubelet endpoint at it (needs `--enable-crds=Logs`).
 
 Not played: probes (a pod with one is refused), restartPolicy Always/OnFailure restarts, CPU limits
-(2 cores here), image pulls, init and sidecar containers, secrets and service account tokens.
+(2 cores here), image pulls, init and sidecar containers, secrets, automounted service account tokens and token renewal.
 
 Run beside the cluster: `python tests/cluster/kubelet.py --kubeconfig FILE --network NAME --workdir DIR`.
 """
@@ -43,10 +45,12 @@ import ipaddress
 import json
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,6 +176,8 @@ class Kubelet:
         self.stop = threading.Event()
         self.start_failed: dict[str, float] = {}  # pod uid -> when its container last failed to start
         self.shutting_down: dict[str, int] = {}  # node -> its shutdown grace (seconds), once asked
+        self.extra_hosts: list[str] = []  # name:address every container resolves (the API server's)
+        self.tokens: dict[str, tuple[dict, dict, Path, float]] = {}  # pod uid -> (pod, token source, folder, renew at)
 
     # -- the API ----------------------------------------------------------------------------------
 
@@ -235,6 +241,7 @@ class Kubelet:
         for uid, state in containers.items():
             if uid not in alive:  # the pod object is gone (force-deleted, or finalized by us)
                 self.kill(uid, state)
+        self.renew_tokens(alive)
 
     def containers(self) -> dict[str, dict]:
         """This kubelet's containers by pod uid: podman's own view of them."""
@@ -333,7 +340,8 @@ class Kubelet:
         extra = ("--label", f"{LABEL_OWNER}={self.network}", "--label", f"{LABEL_UID}={uid}",
                  "--pull", "never", "--log-driver", "k8s-file", "--log-opt", f"path={log_file}",
                  *[flag for env in self.node_env for flag in ("--env", env)],
-                 *[flag for mount in self.node_mounts for flag in ("--volume", mount)])
+                 *[flag for mount in self.node_mounts for flag in ("--volume", mount)],
+                 *[flag for host in self.extra_hosts for flag in ("--add-host", host)])
         pod_flags = pods.api_pod(pod, name=name, config_dirs=config_dirs, network=network, extra=extra)
         pod_dir.mkdir(parents=True, exist_ok=True)
         self.tracked[uid] = Tracked(meta["namespace"], meta["name"], container["name"], name, log_file)
@@ -353,24 +361,73 @@ class Kubelet:
         self.serve_logs(meta["namespace"], meta["name"], container["name"], log_file)
 
     def config_volumes(self, pod: dict, pod_dir: Path) -> dict[str, str]:
-        """Each ConfigMap volume's keys written as files (read from the API now, as the kubelet does)."""
+        """Each ConfigMap volume's keys, and each projected volume's sources, written as files (read from
+        the API now, as the kubelet does)."""
         folders = {}
         for volume in pod["spec"].get("volumes", []):
-            if "configMap" not in volume:
+            if "configMap" in volume:
+                files = self.config_map_files(pod, volume["configMap"])
+            elif "projected" in volume:
+                files = {path: text for source in volume["projected"]["sources"]
+                         for path, text in self.projected_files(pod, source).items()}
+            else:
                 continue
-            source = volume["configMap"]
-            configmap = self.core.read_namespaced_config_map(source["name"], pod["metadata"]["namespace"])
             folder = pod_dir / "volumes" / volume["name"]
             folder.mkdir(parents=True, exist_ok=True)
-            data = configmap.data or {}
-            items = source.get("items") or [{"key": key, "path": key} for key in data]
-            for item in items:
-                (folder / item["path"]).write_text(data[item["key"]])
+            for path, text in files.items():
+                (folder / path).write_text(text)
             folder.chmod(0o755)
+            for source in volume.get("projected", {}).get("sources", []):
+                if "serviceAccountToken" in source:
+                    self.tokens[pod["metadata"]["uid"]] = (pod, source["serviceAccountToken"], folder, self.renew_at(source))
             for path in folder.iterdir():
                 path.chmod(0o644)
             folders[volume["name"]] = str(folder)
         return folders
+
+    def request_token(self, pod: dict, token: dict) -> str:
+        """A token for the pod's ServiceAccount bound to the pod (TokenRequest, as the kubelet asks for it)."""
+        meta = pod["metadata"]
+        request = {"spec": {"expirationSeconds": token.get("expirationSeconds", 3600),
+                            "audiences": [token["audience"]] if token.get("audience") else None,
+                            "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"],
+                                               "uid": meta["uid"]}}}
+        answer = self.core.create_namespaced_service_account_token(
+            pod["spec"].get("serviceAccountName", "default"), meta["namespace"], request)
+        return answer.status.token
+
+    @staticmethod
+    def renew_at(source: dict) -> float:
+        # The kubelet renews a projected token once 80% of its lifetime has passed.
+        return time.monotonic() + 0.8 * source["serviceAccountToken"].get("expirationSeconds", 3600)
+
+    def renew_tokens(self, alive: set[str]) -> None:
+        for uid, (pod, token, folder, renew_at) in list(self.tokens.items()):
+            if uid not in alive:
+                del self.tokens[uid]
+            elif time.monotonic() >= renew_at:
+                (folder / token["path"]).write_text(self.request_token(pod, token))
+                self.tokens[uid] = (pod, token, folder, self.renew_at({"serviceAccountToken": token}))
+
+    def config_map_files(self, pod: dict, source: dict) -> dict[str, str]:
+        data = self.core.read_namespaced_config_map(source["name"], pod["metadata"]["namespace"]).data or {}
+        items = source.get("items") or [{"key": key, "path": key} for key in data]
+        return {item["path"]: data[item["key"]] for item in items}
+
+    def projected_files(self, pod: dict, source: dict) -> dict[str, str]:
+        """One source of a projected volume: a ServiceAccount token bound to the pod, ConfigMap keys, the
+        pod's namespace."""
+        meta = pod["metadata"]
+        if "serviceAccountToken" in source:
+            return {source["serviceAccountToken"]["path"]: self.request_token(pod, source["serviceAccountToken"])}
+        if "configMap" in source:
+            return self.config_map_files(pod, source["configMap"])
+        if "downwardAPI" in source:
+            items = source["downwardAPI"]["items"]
+            if any(item.get("fieldRef", {}).get("fieldPath") != "metadata.namespace" for item in items):
+                raise pods.PodSettingError(f"pod {meta['name']}: only metadata.namespace is projected here")
+            return {item["path"]: meta["namespace"] for item in items}
+        raise pods.PodSettingError(f"pod {meta['name']}: projected source {sorted(source)} is not reproduced")
 
     def pod_addresses(self, pod: dict) -> tuple[str, ...]:
         """For a pod in a headless Service's subdomain: its fixed address and its Job's peers' names."""
@@ -546,6 +603,49 @@ class Kubelet:
             self.kill(uid, container)
 
 
+# How a pod reaches the API server, as the kubelet tells every container (KUBERNETES_SERVICE_HOST/PORT).
+# On a cluster that is the `kubernetes` Service's address; here the API server listens on 127.0.0.1
+# only, so a relay on the network's gateway forwards to it, under a name its certificate holds.
+API_SERVER_NAME = "kubernetes.default.svc"
+
+
+def relay_api_server(server_url: str, gateway: str) -> int:
+    """Forwards TCP from the gateway (a free port, returned) to the API server (TLS passes through)."""
+    target = urllib.parse.urlsplit(server_url)
+    listener = socket.create_server((gateway, 0))
+
+    def pump(source: socket.socket, sink: socket.socket) -> None:
+        with source, sink:
+            while data := source.recv(65536):
+                sink.sendall(data)
+
+    def serve() -> None:
+        while True:
+            pod_side, _ = listener.accept()
+            try:
+                server_side = socket.create_connection((target.hostname, target.port), timeout=10)
+            except OSError:
+                pod_side.close()
+                continue
+            server_side.settimeout(None)
+            for a, b in ((pod_side, server_side), (server_side, pod_side)):
+                threading.Thread(target=pump, args=(a, b), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1]
+
+
+def api_server_env(node_env: list[str], port: int) -> list[str]:
+    """KUBERNETES_SERVICE_HOST/PORT, and the API's name added to the node's NO_PROXY (the pods' https_proxy
+    leads to the bucket stand-in only)."""
+    env = [f"KUBERNETES_SERVICE_HOST={API_SERVER_NAME}", f"KUBERNETES_SERVICE_PORT={port}"]
+    for entry in node_env:
+        key, _, value = entry.partition("=")
+        if key in ("NO_PROXY", "no_proxy"):
+            env.append(f"{key}={value},{API_SERVER_NAME}")
+    return env
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kubeconfig", required=True)
@@ -568,8 +668,11 @@ def main(argv: list[str] | None = None) -> int:
 
     api_client = config.new_client_from_config(config_file=args.kubeconfig)
     gateway = ensure_network(args.network, args.infra_image)
+    api_port = relay_api_server(api_client.configuration.host, gateway)
     kubelet = Kubelet(client.CoreV1Api(api_client), client.BatchV1Api(api_client), client.CustomObjectsApi(api_client),
-                      args.network, args.workdir.resolve(), args.node_env, args.node_mount, args.namespace_prefix)
+                      args.network, args.workdir.resolve(), [*args.node_env, *api_server_env(args.node_env, api_port)],
+                      args.node_mount, args.namespace_prefix)
+    kubelet.extra_hosts = [f"{API_SERVER_NAME}:{gateway}"]
     signal.signal(signal.SIGTERM, lambda *_: kubelet.stop.set())
     signal.signal(signal.SIGINT, lambda *_: kubelet.stop.set())
     if args.ready_file:

@@ -17,7 +17,14 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from cluster.kube import api_client, create_namespace, delete_namespace, unique_name, wait_for
+from cluster.kube import (
+    api_client,
+    create_namespace,
+    delete_namespace,
+    service_account_kubeconfig,
+    unique_name,
+    wait_for,
+)
 from cluster.testbed import ACCELERATOR_LABEL, NODEPOOL_LABEL, Cluster
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "manifests"
@@ -169,3 +176,35 @@ def test_a_gpu_quota_stops_the_job_controller_at_the_second_worker(kube_cluster:
     (event, *_) = wait_for(refused, 60, "the Job controller's FailedCreate event")
     assert "requested: requests.nvidia.com/gpu=1, used: requests.nvidia.com/gpu=1" in event.message, event.message
     assert len(core.list_namespaced_pod(namespace).items) == 1
+
+
+def test_the_pods_account_may_get_the_train_job_and_nothing_else(kube_cluster: Cluster, namespace: str,
+                                                                 tmp_path: Path) -> None:
+    """05/06 of manifests/ as applied: the pods' ServiceAccount reads the train Job (what evaluate does)
+    and the real authorizer refuses the rest: another Job, listing Jobs, pods, the ConfigMap."""
+    objects = [obj for obj in user_manifests(namespace)
+               if obj["kind"] in ("Namespace", "ServiceAccount") or obj["metadata"]["name"] == "pneumonia-evaluate"]
+    for obj in objects:
+        for subject in obj.get("subjects", []):
+            subject["namespace"] = namespace  # as the launcher patches it (kubectl users edit it with the namespace)
+    kube_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objects))
+    admin = api_client(kube_cluster.kubeconfig)
+    batch = kubernetes.client.BatchV1Api(admin)
+    for name in ("pneumonia-train", "other-job"):
+        job = train_job(namespace)
+        job["metadata"]["name"] = name
+        job["spec"]["suspend"] = True  # no pods: only the objects are read
+        batch.create_namespaced_job(namespace, job)
+    pods_kubeconfig = service_account_kubeconfig(admin, kube_cluster.kubeconfig, namespace, "pneumonia",
+                                                 tmp_path / "pods.yaml", expiration_s=600)
+    as_pods = kubernetes.config.new_client_from_config(config_file=str(pods_kubeconfig))
+    pods_batch, pods_core = kubernetes.client.BatchV1Api(as_pods), kubernetes.client.CoreV1Api(as_pods)
+    assert pods_batch.read_namespaced_job("pneumonia-train", namespace).metadata.name == "pneumonia-train"
+    for refused in (lambda: pods_batch.read_namespaced_job("other-job", namespace),
+                    lambda: pods_batch.list_namespaced_job(namespace),
+                    lambda: pods_batch.delete_namespaced_job("pneumonia-train", namespace),
+                    lambda: pods_core.list_namespaced_pod(namespace),
+                    lambda: pods_core.read_namespaced_config_map("pneumonia-config", namespace)):
+        with pytest.raises(kubernetes.client.exceptions.ApiException) as error:
+            refused()
+        assert error.value.status == 403

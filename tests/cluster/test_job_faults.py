@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -175,7 +176,9 @@ def test_eviction_of_the_chief_stops_both_with_the_backup_and_counts_nothing(tra
 
 
 def test_a_worker_killed_at_every_start_fails_the_job_on_its_index_alone(train_run) -> None:  # noqa: ANN001
-    run = train_run("crashloop")
+    """The last attempt is SIGKILLed too, so no train pod can leave _ENDED.json: evaluate, waiting for the
+    run as under `kubectl apply`, learns from the train Job itself (its token, 05-evaluate-role.yaml)."""
+    run = train_run("crashloop", stages=("train", "evaluate"))
     killed: set[str] = set()
 
     def kill_index_1_once_it_trains() -> None:
@@ -196,6 +199,24 @@ def test_a_worker_killed_at_every_start_fails_the_job_on_its_index_alone(train_r
     assert [jobs.exit_code(pod) for pod in pods[1]] == [SIGKILL_EXIT] * (limit + 1), run.summary()
     assert all(jobs.counts(pod)[0] == 0 for pod in pods[0]), run.summary()  # the survivor never paid
     run.assert_the_scripted_controller_agrees()
+    errors, after_s = evaluate_ending(run)
+    assert any("the train Job" in error and "MaxFailedIndexesExceeded" in error for error in errors), errors
+    print(f"evaluate exited 2 {after_s:.0f} s after the train Job failed: {errors}")
+    assert after_s < 120
+
+
+def evaluate_ending(run: TrainRun) -> tuple[list[str], float]:
+    """Evaluate ends on its own, promptly, exit 2 (its podFailurePolicy fails it): the errors it logged,
+    and the seconds from the train Job's Failed condition to its exit, both as the API has them."""
+    assert run.wait_end(180, job="pneumonia-evaluate") == ("Failed", "PodFailurePolicy"), run.summary()
+    (evaluate_pod,) = jobs.get(run.kubeconfig, "-n", run.namespace, "pods", "-l",
+                               f"{jobs.JOB_NAME_LABEL}=pneumonia-evaluate")["items"]
+    assert jobs.exit_code(evaluate_pod) == 2
+    (failed,) = [c for c in run.status()["conditions"] if c["type"] == "Failed"]
+    (state,) = [s["state"]["terminated"] for s in evaluate_pod["status"]["containerStatuses"]]
+    after_s = (datetime.fromisoformat(state["finishedAt"].replace("Z", "+00:00"))
+               - datetime.fromisoformat(failed["lastTransitionTime"].replace("Z", "+00:00"))).total_seconds()
+    return [e.get("error", "") for e in jobs.log_events(jobs.pod_log_file(run.testbed, evaluate_pod))], after_s
 
 
 # The train container's body when its peers never answer: the real jobs/train.py and run_end (the rule
@@ -215,7 +236,7 @@ PEERS_NEVER_ANSWER = ["-c", "\n".join([
 def test_a_partition_that_never_heals_fails_the_job_and_evaluate_says_why(train_run) -> None:  # noqa: ANN001
     """Both workers exit 75 at every start. The Job ignores 75, so without a bound it would loop until
     activeDeadlineSeconds; with cluster.max_forgiven_restarts=1 the second start of an index counts
-    (exit 1), the index spends its retries and the Job fails (FailedIndexes). The last attempt leaves
+    (exit 1), the index spends its retries and the Job fails (MaxFailedIndexesExceeded). The last attempt leaves
     _ENDED.json, and evaluate, waiting for the run as under `kubectl apply`, exits 2 with the reason."""
     run = train_run("partition", sets=("cluster.max_forgiven_restarts=1",), stages=("train", "evaluate"),
                     train_args=PEERS_NEVER_ANSWER)
@@ -226,12 +247,8 @@ def test_a_partition_that_never_heals_fails_the_job_and_evaluate_says_why(train_
     limit = jobs.job(run.kubeconfig, run.namespace, TRAIN)["spec"]["backoffLimitPerIndex"]
     assert [jobs.exit_code(pod) for pod in attempts] == [EXIT_PEER_LOST] + [1] * (limit + 1), run.summary()
     assert [jobs.counts(pod) for pod in attempts] == [(0, 0)] + [(n, 1) for n in range(limit + 1)], run.summary()
-    # Evaluate ends on its own, promptly, with the reason (its podFailurePolicy fails it on exit 2).
-    assert run.wait_end(120, job="pneumonia-evaluate") == ("Failed", "PodFailurePolicy"), run.summary()
-    (evaluate_pod,) = jobs.get(run.kubeconfig, "-n", run.namespace, "pods", "-l",
-                               f"{jobs.JOB_NAME_LABEL}=pneumonia-evaluate")["items"]
-    assert jobs.exit_code(evaluate_pod) == 2
-    reasons = [e.get("error", "") for e in jobs.log_events(jobs.pod_log_file(run.testbed, evaluate_pod))]
+    # The last attempt's own reason (_ENDED.json) beats the Job's.
+    reasons, _ = evaluate_ending(run)
     assert any("max_forgiven_restarts=1" in reason and "FailedIndexes" in reason for reason in reasons), reasons
 
 

@@ -41,13 +41,14 @@ TINY = [
 def train_objects(namespace: str, root: str, run_id: str, image: str = bed.IMAGE, deadline_s: int = 1800,
                   sets: tuple[str, ...] = (), stages: tuple[str, ...] = ("train",),
                   train_args: list[str] | None = None) -> list[dict[str, Any]]:
-    """The namespace (Pod Security restricted), the pods' ServiceAccount, the ConfigMap, the headless
-    Service and the Jobs of `stages` from manifests/, patched as the launcher patches them for this
+    """The namespace (Pod Security restricted), the pods' ServiceAccount, the Roles and RoleBindings (the
+    launcher's names a user this cluster lacks), the ConfigMap, the headless Service and the Jobs of
+    `stages` from manifests/, patched as the launcher patches them for this
     config (`sets`: more config keys); `train_args` replaces the train container's args."""
     config = load_config(None, [f"data.root={root}", f"train.run_id={run_id}", *TINY, *sets])
     config = mf.with_launch_options(config, image=image, namespace=namespace, num_workers=2)
     objects = mf.build_manifests(mf.load_manifests(), config)
-    kinds = {"Namespace", "ServiceAccount", "ConfigMap", "Service"}
+    kinds = {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service"}
     chosen = [obj for obj in objects if obj["kind"] in kinds or mf.job_stage(obj) in stages]
     for obj in chosen:
         if obj["kind"] == "Job":

@@ -22,6 +22,7 @@ _CONTAINER_SECURITY_KEYS = {"runAsNonRoot", "runAsUser", "runAsGroup", "allowPri
                             "readOnlyRootFilesystem", "capabilities", "seccompProfile"}
 _BINARY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
 SHM_PATH = "/dev/shm"
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 class PodSettingError(ValueError):
@@ -86,7 +87,8 @@ def security_flags(pod_spec: dict[str, Any], container: dict[str, Any]) -> list[
 
 def volume_flags(pod_spec: dict[str, Any], container: dict[str, Any], config_dir: str | dict[str, str]) -> list[str]:
     """The container's mounts: emptyDirs as fresh tmpfs (mode 1777, as an emptyDir is world-writable),
-    a ConfigMap as a host folder mounted read-only (`config_dir`, or `config_dir[volume name]`),
+    a ConfigMap or projected volume as a host folder mounted read-only (`config_dir`, or
+    `config_dir[volume name]`: the kubelet stand-in writes a projected API token there),
     /dev/shm sized by its memory emptyDir."""
     volumes = {volume["name"]: volume for volume in pod_spec.get("volumes", [])}
     flags: list[str] = []
@@ -95,9 +97,9 @@ def volume_flags(pod_spec: dict[str, Any], container: dict[str, Any], config_dir
         path = mount["mountPath"]
         if set(mount) - {"name", "mountPath", "readOnly"}:
             raise PodSettingError(f"volumeMount {mount['name']}: only name, mountPath and readOnly are reproduced")
-        if "configMap" in volume:
+        if "configMap" in volume or "projected" in volume:
             if not mount.get("readOnly"):
-                raise PodSettingError(f"ConfigMap volume {mount['name']} mounted writable; the image test mounts it read-only")
+                raise PodSettingError(f"volume {mount['name']} mounted writable; the image test mounts it read-only")
             folder = config_dir if isinstance(config_dir, str) else config_dir[mount["name"]]
             flags += ["--volume", f"{folder}:{path}:ro"]
         elif "emptyDir" in volume:
@@ -112,7 +114,7 @@ def volume_flags(pod_spec: dict[str, Any], container: dict[str, Any], config_dir
                 # empty and goes away with the container, as an emptyDir does.
                 flags += ["--tmpfs", f"{path}:rw,size={size},mode=1777"]
         else:
-            raise PodSettingError(f"volume {mount['name']} is neither an emptyDir nor a ConfigMap; "
+            raise PodSettingError(f"volume {mount['name']} is neither an emptyDir, a ConfigMap nor projected; "
                                   "teach tests/image/pods.py how to run it")
     return flags
 
@@ -144,6 +146,8 @@ def stage_pod(job: dict[str, Any], *, config_dir: str, data_root: tuple[str, str
     # An Indexed Job's pod is called <job>-<index> and has that hostname; Kubernetes sets the index.
     hostname = f"{job_name}-{index}" if indexed else job_name
     flags = [*security_flags(spec, container)]
+    # No API server here: the pod runs as one without a token (evaluate then goes by its files alone).
+    drop_mounts = (*drop_mounts, SERVICE_ACCOUNT_DIR)
     kept = {**container, "volumeMounts": [m for m in container.get("volumeMounts", []) if m["mountPath"] not in drop_mounts]}
     flags += volume_flags(spec, kept, config_dir)
     flags += ["--volume", f"{data_root[0]}:{data_root[1]}:rw", "--hostname", hostname, *network]

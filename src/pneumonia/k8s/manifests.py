@@ -218,6 +218,8 @@ def build_manifests(manifests: list[dict[str, Any]], config: PipelineConfig,
             obj["data"][CONFIG_MAP_KEY] = render_config(config)
         elif kind == "Service":
             _patch_service(obj, config)
+        elif kind == "Role":
+            _patch_job_names(obj, config)
         elif kind == "Job":
             _patch_queue(obj, config)
             stage = job_stage(obj)
@@ -315,6 +317,13 @@ def _patch_service(obj: dict[str, Any], config: PipelineConfig) -> None:
     obj["metadata"]["name"] = config.cluster.train_service_name
     for port in obj["spec"]["ports"]:
         port["port"] = port["targetPort"] = config.cluster.worker_port
+
+
+def _patch_job_names(role: dict[str, Any], config: PipelineConfig) -> None:
+    """A rule naming Jobs (the evaluate pod's `get` on the train Job) names the train Job of this config."""
+    for rule in role.get("rules", []):
+        if "jobs" in rule.get("resources", []) and rule.get("resourceNames"):
+            rule["resourceNames"] = [config.cluster.train_job_name]
 
 
 def _patch_train_job(job: dict[str, Any], config: PipelineConfig) -> None:

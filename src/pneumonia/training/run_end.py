@@ -18,7 +18,7 @@ from pneumonia.training import fit
 def train(config: PipelineConfig) -> dict[str, Any] | None:
     """fit.run, leaving the run's _ENDED.json when it stops on purpose or fails for good (jobs/train.py):
     bad input (exit 2), or a counted failure on its index's last attempt (the Job then fails with
-    FailedIndexes). A lost peer is forgiven (exit 75) only as often as cluster.max_forgiven_restarts says."""
+    MaxFailedIndexesExceeded). A lost peer is forgiven (exit 75) only as often as cluster.max_forgiven_restarts says."""
     layout = Layout.of(config)
     run_id = config.train.run_id
     index = cluster.worker_index()
@@ -53,12 +53,12 @@ def train(config: PipelineConfig) -> dict[str, Any] | None:
 
 def end_if_last_attempt(layout: Layout, run_id: str, attempt: cluster.IndexAttempt, index: int, reason: str) -> None:
     """A counted failure on the index's last attempt fails the train Job: leave the reason for evaluate,
-    which under `kubectl apply` would otherwise wait until its own deadline. (A SIGKILL or OOM kill on
-    the last attempt leaves nothing: the process cannot write.)"""
+    which under `kubectl apply` waits for the run. (A SIGKILL or OOM kill on the last attempt leaves
+    nothing, the process cannot write: evaluate then reads the failed Job itself, cluster.JobWatch.)"""
     if not (run_id and attempt.is_last) or storage.exists(layout.run_marker(run_id)):
         return
     record_end(layout, run_id, FAILED, f"train worker {index} failed on the last of its index's "
-                                       f"{attempt.retry_limit + 1} attempts, so the train Job fails (FailedIndexes): "
+                                       f"{attempt.retry_limit + 1} attempts, so the train Job fails (MaxFailedIndexesExceeded): "
                                        f"{reason}", attempt.job_uid)
 
 
