@@ -63,8 +63,10 @@ LABEL_OWNER = "pneumonia.testbed.kubelet"  # value: this kubelet's network name;
 LABEL_UID = "io.kubernetes.pod.uid"
 POLL_S = 1.0
 PODMAN_TIMEOUT_S = 120
-# Fixed addresses (pods with a subdomain) come from the top of the network's range; podman hands out
-# the others from the bottom up, so the two meet only after ~190 pods on one network.
+# Fixed addresses (pods with a subdomain) come from the top of the network's range, every other pod's
+# from below it, both chosen here: podman's own allocator goes on from its last address and wrapped
+# into the fixed ones after ~190 pods on one network (an evaluate pod took a train worker's address
+# in the fault matrix's fourth case: CreateContainerError "requested IP address ... is not available").
 FIXED_HOSTS = 64
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 # Graceful node shutdown, with the words of kubelet 1.36 (pkg/kubelet/nodeshutdown, pkg/kubelet/nodestatus).
@@ -171,7 +173,10 @@ class Kubelet:
         self.node_env, self.node_mounts = node_env, node_mounts
         self.tracked: dict[str, Tracked] = {}
         self.fixed: dict[tuple[str, str, str], str] = {}  # (namespace, subdomain, hostname) -> address
-        self.hosts = [str(host) for host in network_hosts(network)[-FIXED_HOSTS:]]
+        hosts = [str(host) for host in network_hosts(network)]
+        self.hosts = hosts[-FIXED_HOSTS:]
+        self.dynamic_hosts = hosts[2:-FIXED_HOSTS]  # after the gateway and the infra container
+        self.next_dynamic = 0
         self.logs_crd = True
         self.stop = threading.Event()
         self.start_failed: dict[str, float] = {}  # pod uid -> when its container last failed to start
@@ -429,12 +434,23 @@ class Kubelet:
             return {item["path"]: meta["namespace"] for item in items}
         raise pods.PodSettingError(f"pod {meta['name']}: projected source {sorted(source)} is not reproduced")
 
+    def dynamic_address(self) -> str:
+        """The next address below the fixed ones that no running container of this kubelet holds (round
+        robin, so an address just released is not handed out again at once)."""
+        in_use = {tracked.address for tracked in self.tracked.values() if tracked.reported != "terminated"}
+        for _ in range(len(self.dynamic_hosts)):
+            address = self.dynamic_hosts[self.next_dynamic % len(self.dynamic_hosts)]
+            self.next_dynamic += 1
+            if address not in in_use:
+                return address
+        raise RuntimeError(f"no free address left below the fixed ones on {self.network}")
+
     def pod_addresses(self, pod: dict) -> tuple[str, ...]:
         """For a pod in a headless Service's subdomain: its fixed address and its Job's peers' names."""
         spec, meta = pod["spec"], pod["metadata"]
         subdomain = spec.get("subdomain")
         if not subdomain:
-            return ()
+            return ("--ip", self.dynamic_address())
         namespace = meta["namespace"]
         own = spec.get("hostname") or meta["name"]
         hostnames = []
