@@ -362,7 +362,10 @@ class Kubelet:
             podman("rm", "--force", "--ignore", name, check=False)
             self.report_waiting(pod, "CreateContainerError", result.stderr.strip()[-500:])
             return
-        self.tracked[uid].address = self.address_of(json.loads(podman("inspect", name))[0])
+        # The address this stand-in chose (--ip); inspect only as a fallback: a container that exits at
+        # once has left the network before inspect reads it, and its pod would show no podIP.
+        chosen = network[network.index("--ip") + 1] if "--ip" in network else ""
+        self.tracked[uid].address = chosen or self.address_of(json.loads(podman("inspect", name))[0])
         self.serve_logs(meta["namespace"], meta["name"], container["name"], log_file)
 
     def config_volumes(self, pod: dict, pod_dir: Path) -> dict[str, str]:
