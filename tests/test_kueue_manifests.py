@@ -7,6 +7,7 @@ import copy
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +122,18 @@ class _Capture:
 def schemas() -> dict[tuple[str, str], dict[str, Any]]:
     # The module's config/ comes with `go mod download` (what build-kueue.sh runs): the same files
     # the cluster tests install into the API server.
-    subprocess.run(["go", "mod", "download", f"sigs.k8s.io/kueue@{kueue_env.KUEUE_VERSION}"], check=True,
-                   capture_output=True, env={**os.environ, "GOFLAGS": "-mod=mod"}, timeout=300)
+    # A proxy hiccup is retried (three tries, 5 s apart); the last failure shows go's own words.
+    command = ["go", "mod", "download", f"sigs.k8s.io/kueue@{kueue_env.KUEUE_VERSION}"]
+    for attempt in range(3):
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "GOFLAGS": "-mod=mod"},
+                              timeout=300, check=False)
+        if done.returncode == 0:
+            break
+        if attempt < 2:
+            time.sleep(5)
+    else:
+        pytest.fail(f"{' '.join(command)} failed 3 times (exit {done.returncode}); this check needs Go and the "
+                    f"Go module proxy:\n{done.stderr[-2000:]}")
     return {key: strict(schema) for key, schema in kueue_env.crd_schemas().items()}
 
 
