@@ -1,55 +1,75 @@
 """Is the split's val representative? The share of misfiled films per part, over many split seeds.
 
-    .venv/bin/python bench/bench_quality.py --rates 0.2 --seed 2 --workdir /tmp/q   # an archive and its run
-    .venv/bin/python bench/bench_split_bias.py /tmp/q/noise-0.2 --seeds 20
+    .venv/bin/python bench/bench_split_bias.py                         # 4,000 films, noise 0.2, archives 0-2
+    .venv/bin/python bench/bench_split_bias.py --num-images 300 --archive-seeds 0,1,2,3,4
 
-On a label-noise demo archive (its truth sidecar says which films were misfiled), the train and val
-patients of the run's split manifest are assigned again with `split.assign_groups` under each seed
-(the archive fixed), and each part's share of misfiled films and mean patient size is printed. An
-unbiased split gives both parts the pool's share on average; bench/README.md quotes the result.
+For each label-noise demo archive (planned, not rendered: `demo.plan_images` says which films were
+misfiled, which is all a split sees), the project's own `split.split_rows` cuts the films under
+each split seed, as preprocess does with the demo config (official mode, val 0.15), and each part's
+share of misfiled films and mean patient size is printed beside the pool's. An unbiased split
+gives val and train the pool's share on average; bench/README.md quotes the result. It also counts
+the parts left without a film of some class.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import json
-from pathlib import Path
 
 import numpy as np
 
+from pneumonia.config import CLASS_NAMES, SplitConfig
 from pneumonia.data import demo, split
+
+
+def rows_of(images: list[demo.DemoImage]) -> list[dict]:
+    """The rows preprocess would give split_rows, with the plan's `moved` flag beside them."""
+    return [{"path": image.entry, "class": image.class_name, "label": CLASS_NAMES.index(image.class_name),
+             "patient": image.patient, "origin_split": image.origin_split, "split": "", "moved": image.moved}
+            for image in images]
+
+
+def measure(num_images: int, rate: float, archive_seed: int, split_seeds: range, val_fraction: float) -> dict:
+    images = demo.plan_images(num_images, archive_seed, label_noise=rate)
+    share = collections.defaultdict(list)
+    size = collections.defaultdict(list)
+    pool_share = []
+    parts_missing_a_class = 0
+    for seed in split_seeds:
+        rows = rows_of(images)
+        split.split_rows(rows, SplitConfig(mode="official", seed=seed, val_fraction=val_fraction))
+        pool = [row for row in rows if row["split"] in ("train", "val")]  # val is drawn from this pool
+        pool_share.append(np.mean([row["moved"] for row in pool]))
+        for part in ("train", "val"):
+            members = [row for row in pool if row["split"] == part]
+            share[part].append(np.mean([row["moved"] for row in members]))
+            size[part].append(len(members) / len({row["patient"] for row in members}))
+            parts_missing_a_class += len(set(CLASS_NAMES) - {row["class"] for row in members})
+    return {"pool": float(np.mean(pool_share)),
+            "share": {part: (float(np.mean(values)), float(np.std(values))) for part, values in share.items()},
+            "size": {part: float(np.mean(values)) for part, values in size.items()},
+            "missing": parts_missing_a_class}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("root", help="a bench_quality run's folder (noise-RATE), holding raw/ and splits/")
-    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--num-images", type=int, default=4000)
+    parser.add_argument("--rate", type=float, default=0.2, help="label noise of the archives")
+    parser.add_argument("--archive-seeds", default="0,1,2", help="demo archive seeds, comma-separated")
+    parser.add_argument("--split-seeds", type=int, default=20, help="split seeds per archive")
+    parser.add_argument("--val-fraction", type=float, default=0.15, help="split.val_fraction (the demo config's)")
     args = parser.parse_args(argv)
-    root = Path(args.root)
-    truth = json.loads(Path(demo.truth_path(str(root / "raw" / "demo-chest-xray.zip"))).read_text())
-    moved = {(film["path"].split("/")[1], film["path"].rsplit("/", 1)[-1]): film["moved"] for film in truth["films"]}
-    manifest = json.loads((root / "splits" / "split.json").read_text())
-    counts: dict[str, list[int]] = collections.defaultdict(lambda: [0] * len(manifest["class_names"]))
-    misfiled: dict[str, list[bool]] = collections.defaultdict(list)
-    for row in manifest["rows"]:
-        if row["split"] in ("train", "val"):  # the pool val is drawn from (the test folder stays test)
-            counts[row["patient"]][row["label"]] += 1
-            misfiled[row["patient"]].append(moved[tuple(row["path"].rsplit("/", 1)[-1].split("__", 1))])
-    fractions = {"train": 1.0 - manifest["fractions"]["val"], "val": manifest["fractions"]["val"]}
-    pool = np.mean([flag for flags in misfiled.values() for flag in flags])
-    share = collections.defaultdict(list)
-    size = collections.defaultdict(list)
-    for seed in range(args.seeds):
-        assignment = split.assign_groups(counts, fractions, seed)
-        for part in fractions:
-            patients = [patient for patient, placed in assignment.items() if placed == part]
-            share[part].append(np.mean([flag for patient in patients for flag in misfiled[patient]]))
-            size[part].append(np.mean([sum(counts[patient]) for patient in patients]))
-    print(f"pool: {pool:.3f} misfiled, {len(counts)} patients; over {args.seeds} split seeds:")
-    for part in fractions:
-        print(f"  {part}: {np.mean(share[part]):.3f} misfiled (seed to seed {np.std(share[part]):.3f}), "
-              f"mean patient size {np.mean(size[part]):.2f}")
+    print(f"{args.num_images} films, label noise {args.rate}, {args.split_seeds} split seeds per archive")
+    print("archive | pool misfiled | val misfiled (seed to seed) | val - pool | train misfiled | "
+          "mean patient size val / train | parts without a class")
+    gaps = []
+    for archive_seed in (int(seed) for seed in args.archive_seeds.split(",")):
+        result = measure(args.num_images, args.rate, archive_seed, range(args.split_seeds), args.val_fraction)
+        (val, spread), (train, _) = result["share"]["val"], result["share"]["train"]
+        gaps.append(val - result["pool"])
+        print(f"{archive_seed} | {result['pool']:.3f} | {val:.3f} ({spread:.3f}) | {val - result['pool']:+.3f} | "
+              f"{train:.3f} | {result['size']['val']:.2f} / {result['size']['train']:.2f} | {result['missing']}")
+    print(f"mean val - pool over archives: {np.mean(gaps):+.4f}")
     return 0
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pneumonia.config import CLASS_NAMES, SplitConfig
+from pneumonia.data import demo
 from pneumonia.data import split as split_lib
 from pneumonia.errors import BadInputError
 
@@ -155,3 +156,43 @@ def test_manifest_and_table_carry_counts_and_imbalance():
     assert lines[0].split() == ["split", *CLASS_NAMES, "total"]
     train_line = next(line for line in lines if line.startswith("train"))
     assert train_line.split()[1:] == [str(train[c]) for c in CLASS_NAMES] + [str(sum(train.values()))]
+
+
+def test_val_carries_the_pools_share_of_misfiled_films():
+    """On label-noise archives the misfiled films sit in small and mixed-class patient ids; a split
+    that places such patients unevenly gives val another share of them than the pool it is cut from,
+    and calibration fitted on val then misses test. The greedy pass this split replaced was off by
+    +0.026 to +0.035 on these archives (bench/bench_split_bias.py); seed to seed val's share varies
+    by about 0.018, so the mean of 20 seeds is known to about 0.004."""
+    images = demo.plan_images(4000, seed=1, label_noise=0.2)
+    gaps = []
+    for seed in range(20):
+        rows = [{"path": image.entry, "class": image.class_name, "label": CLASS_NAMES.index(image.class_name),
+                 "patient": image.patient, "origin_split": image.origin_split, "split": "", "moved": image.moved}
+                for image in images]
+        split_lib.split_rows(rows, SplitConfig(mode="official", seed=seed, val_fraction=0.15))
+        pool = [row["moved"] for row in rows if row["split"] in ("train", "val")]
+        val = [row["moved"] for row in rows if row["split"] == "val"]
+        gaps.append(np.mean(val) - np.mean(pool))
+    assert abs(np.mean(gaps)) < 0.012, gaps
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_small_archives_leave_no_part_without_a_class(seed):
+    """A draw alone can leave a small part without a rare class (four val patients of 1-4 films);
+    every part owed half an image of a class gets one, where the class has a patient for each part."""
+    rng = np.random.default_rng(seed)
+    groups = {}
+    for i in range(40):
+        counts = [0, 0, 0]
+        counts[int(rng.choice(3, p=[0.3, 0.55, 0.15]))] = int(rng.integers(1, 5))
+        groups[f"p{i}"] = counts
+    totals = np.array(list(groups.values())).sum(axis=0)
+    patients_per_class = (np.array(list(groups.values())) > 0).sum(axis=0)
+    fractions = {"train": 0.7, "val": 0.15, "test": 0.15}
+    for split_seed in range(50):
+        assignment = split_lib.assign_groups(groups, fractions, seed=split_seed)
+        for part, fraction in fractions.items():
+            held = np.array([groups[g] for g in groups if assignment[g] == part]).sum(axis=0)
+            owed = (fraction * totals >= 0.5) & (patients_per_class >= len(fractions))
+            assert np.all(held[owed] > 0), (split_seed, part, held, totals)
