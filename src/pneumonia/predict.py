@@ -4,8 +4,8 @@
 
 RUN_DIR is `runs/<run_id>` (local or gs://). The images go, as encoded files, through the run's
 export (`model/1/`, its `serving_default` signature) exactly as a model server would send them: the
-export decodes and resizes in its graph with the shard stage's own function (aspect ratio kept,
-padded), holds the best weights evaluate scored, and applies the calibration fitted on val
+export decodes and resizes in its graph with the shard stage's own function (the run's `shard.fit`:
+centre crop by default, or padding), holds the best weights evaluate scored, and applies the calibration fitted on val
 (docs/report-statistics.md), so these are the probabilities a served model returns. A folder is searched recursively for
 .jpeg/.jpg/.png/.bmp/.gif files (hidden files such as macOS `._*` forks skipped), in sorted order.
 Output lines:

@@ -37,7 +37,7 @@ from pneumonia.trained import checkpoint_path, load_run_config, load_trained_mod
 log = get_logger(__name__)
 
 # Bump when the report's content changes, so a finished report from older code is redone.
-REPORT_VERSION = 3
+REPORT_VERSION = 4
 
 
 def check_test_shards_fit_run(run_id: str, run_marker: dict[str, Any], run_config: PipelineConfig,

@@ -18,7 +18,7 @@ percentiles of the resampled values, moved by how far the resamples sit from the
 (bias) and by how the value's spread changes with it (acceleration, from the leave-one-patient-out
 jackknife). Simulated test sets with patient-correlated films (tests/test_coverage.py,
 docs/report-statistics.md) hold the population value in 95 % of sets within binomial noise; the
-plain percentile interval fell to 93.9 % for specificity there, resampling films instead of
+plain percentile interval fell to 93.8 % for sensitivity and specificity there, resampling films instead of
 patients to 88-92 %.
 
 The ECE has its own estimate (`calibration_error`): the plain binned ECE is biased upward on a few
