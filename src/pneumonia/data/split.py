@@ -44,12 +44,12 @@ def assign_groups(group_counts: Mapping[str, Sequence[int]], fractions: Mapping[
 
     `group_counts[g][c]` is how many images of class c group g has. Deterministic for a given seed,
     whatever the order of `group_counts`. Groups with the same counts form a stratum; the strata are
-    dealt out in a fixed order, each shuffled by the seed, by a weighted round robin with a random
-    start, so every part gets its fraction of each class's images to within about one group's
-    images. Which groups of a stratum a part gets is a random draw, so nothing the counts do not show
-    (how a patient's films were labelled, say) leans towards one part. Before that, every part
-    receives one group of each class it is owed at least half an image of, among the groups that fit
-    its room, so that a small archive leaves no part without a class it can give it.
+    dealt out in a fixed order, each shuffled by the seed, by a weighted round robin kept per class
+    with a random start, so every part gets its fraction of each class's images to within a group
+    or two. Which groups of a stratum a part gets is a random draw, so nothing the counts do not show
+    (how a patient's films were labelled, say) leans towards one part. Before that, every part, the
+    smallest first, receives one group of each class it is owed at least half an image of, among the
+    groups that fit its room, so that a small archive leaves no part without a class it can give it.
     """
     parts = [part for part, fraction in fractions.items() if fraction > 0]
     if not parts:
@@ -63,10 +63,11 @@ def assign_groups(group_counts: Mapping[str, Sequence[int]], fractions: Mapping[
     rng = np.random.default_rng(seed)
     placed = np.full(len(groups), -1)
 
-    # One group of each class per part, rarest class first and the first part listed (train) first.
-    # Drawn uniformly among the groups that fit the part's room (to half an image); where none fits,
-    # the fractions win and the part may go without that class.
-    for part in range(len(parts)):
+    # One group of each class per part, the smallest part first (a large one could take the only group
+    # that fits a small one's room) and the rarest class first. Drawn uniformly among the groups that
+    # fit the part's room (to half an image); where none fits, the fractions win and the part may go
+    # without that class.
+    for part in np.argsort(shares, kind="stable"):
         for cls in np.argsort(totals, kind="stable"):
             if quota[part, cls] < 0.5 or filled[part, cls] > 0:
                 continue
@@ -78,19 +79,22 @@ def assign_groups(group_counts: Mapping[str, Sequence[int]], fractions: Mapping[
                 filled[part] += counts[chosen]
 
     # Then the strata, a class's one after another (ordered by the class a group has most images of,
-    # then by counts), each shuffled by the seed, dealt by a weighted round robin counted in images:
-    # each part's credit grows by its share of a group's images, and the group goes to the part with
-    # the most credit, which pays its images. A seeded group comes first in its stratum and pays there,
-    # so the seeding costs its part the same kind of group, not a random one.
+    # then by counts), each shuffled by the seed, dealt by a weighted round robin kept per class and
+    # counted in images: each part's credit in each class grows by its share of the group's images,
+    # the group goes to the part with the most credit in the group's classes, which pays its images.
+    # A seeded group comes first in its stratum and pays there, so its part gets that much less of
+    # the same class. The start is random, up to a mean group's images, so which part a stratum's
+    # remainder goes to varies with the seed.
     position = rng.permutation(len(groups))
     order = sorted(range(len(groups)),
                    key=lambda i: (int(np.argmax(counts[i])), tuple(counts[i]), placed[i] < 0, position[i]))
-    credit = rng.random(len(parts))
+    groups_with = np.maximum((counts > 0).sum(axis=0), 1)
+    credit = rng.random((len(parts), counts.shape[1])) * (totals / groups_with)
     for index in order:
-        size = counts[index].sum()
-        credit += shares * size
-        part = int(placed[index]) if placed[index] >= 0 else int(np.argmax(credit))
-        credit[part] -= size
+        row = counts[index]
+        credit += shares[:, None] * row
+        part = int(placed[index]) if placed[index] >= 0 else int(np.argmax(credit @ row))
+        credit[part] -= row
         placed[index] = part
     return {group: parts[part] for group, part in zip(groups, placed, strict=True)}
 
