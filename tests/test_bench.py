@@ -104,3 +104,17 @@ def test_quality_benchmark_compares_a_run_with_its_known_answers(tmp_path: Path)
                                   "calibrated ECE <= 0.05"}
     assert (completed.returncode == 0) == all(row["checks"].values())
     assert "| label noise | best accuracy (test)" in completed.stdout
+
+
+def test_split_bias_benchmark_reads_the_split_it_measures() -> None:
+    """bench_split_bias.py cuts planned label-noise archives with split_rows and prints each part's share
+    of misfiled films: the pool's share is the archive's rate, val and train straddle it."""
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_split_bias.py"), "--num-images", "600", "--archive-seeds", "0",
+         "--split-seeds", "3"], capture_output=True, text=True, timeout=300, check=True)
+    row = next(line for line in completed.stdout.splitlines() if line.startswith("0 | "))
+    pool, val, gap, train = (float(cell.split()[0]) for cell in row.split(" | ")[1:5])
+    assert pool == pytest.approx(0.2, abs=0.03)
+    assert gap == pytest.approx(val - pool, abs=0.0015)
+    assert min(val, train) <= pool + 0.0015 and max(val, train) >= pool - 0.0015
+    assert row.rstrip().endswith("| 0")  # no part without a class
