@@ -120,7 +120,7 @@ cluster-local: setup cluster-up ## The demo pipeline through the local control p
 
 .PHONY: cluster-local-launcher
 cluster-local-launcher: setup cluster-up ## The same with the launcher: `make train-cluster PUSH=0` with the built image, then its status and logs
-	$(PY) tests/cluster/local.py --launcher --kubeconfig $(CLUSTER_KUBECONFIG)
+	$(PY) tests/cluster/local.py --launcher --kubeconfig $(CLUSTER_KUBECONFIG) --cluster-name $(CLUSTER_NAME)
 
 .PHONY: cluster-test
 cluster-test: setup ## Run the tests against a real control plane (one of their own, or PNEUMONIA_TEST_CLUSTER=name)

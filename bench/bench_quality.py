@@ -1,6 +1,6 @@
 """Quality against a known ceiling: the demo recipe on archives whose best possible answer is known.
 
-    .venv/bin/python bench/bench_quality.py                       # 4 runs of 4,000 images, ~10-25 min on 2 cores
+    .venv/bin/python bench/bench_quality.py                       # 4 runs of 4,000 images, 6-10 min on 2 cores
     .venv/bin/python bench/bench_quality.py --rates 0.2           # the issue's acceptance case alone
     .venv/bin/python bench/bench_quality.py --num-images 300 --rates 0,0.2 --epochs 2   # smoke run
 
@@ -166,7 +166,7 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
     print("\n| label noise | best accuracy (test) | test accuracy [95 % CI] | gap | kappa | ideal confidence | "
           "raw confidence | calibrated confidence | confidence - best | best accuracy (val) | ECE raw | "
           "ECE calibrated | "
-          "ECE debiased [95 % CI] | T | val / test films |")
+          "ECE debiased [nominal 95 %] | T | val / test films |")
     print("| ---: |" + " ---: |" * 14)
     for row in rows:
         low, high = row["accuracy_ci95"]

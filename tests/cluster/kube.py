@@ -6,6 +6,7 @@ API, and bounded waits. Nothing here plays a controller or the kubelet: the clus
 from __future__ import annotations
 
 import base64
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -97,3 +98,22 @@ def _ignore_absent(call: Callable[[], Any]) -> None:
     except ApiException as error:
         if error.status != 404:
             raise
+
+
+def audited(audit_log: Path, namespace: str, account: str, start: int = 0) -> list[tuple[str, str, int]]:
+    """(verb, resource[/subresource], response code) of each request ServiceAccount `account` made, from the
+    API server's audit log (tests/cluster/audit-policy.yaml records every ServiceAccount's requests),
+    from byte `start` on (the log's size before a run: only that run's requests)."""
+    user = f"system:serviceaccount:{namespace}:{account}"
+    requests = []
+    with Path(audit_log).open("rb") as log:
+        log.seek(start)
+        lines = log.read().decode().splitlines()
+    for line in lines:
+        event = json.loads(line)
+        if event["user"]["username"] != user or event.get("stage") != "ResponseComplete":
+            continue
+        ref = event.get("objectRef", {})
+        resource = ref.get("resource", event["requestURI"]) + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+        requests.append((event["verb"], resource, event["responseStatus"]["code"]))
+    return requests

@@ -32,7 +32,8 @@ This process plays the kubelet's part for every node, and only that part:
   `Logs` object of the pod's name points KWOK's kubelet endpoint at it (needs `--enable-crds=Logs`).
 
 Not played: probes (a pod with one is refused), restartPolicy Always/OnFailure restarts, CPU limits
-(2 cores here), image pulls, init and sidecar containers, secrets, automounted service account tokens and token renewal.
+(2 cores here), image pulls, init and sidecar containers, secrets, automounted service account tokens
+(projected tokens are played, renewal included).
 
 Run beside the cluster: `python tests/cluster/kubelet.py --kubeconfig FILE --network NAME --workdir DIR`.
 """
@@ -124,10 +125,13 @@ def container_name(network: str, namespace: str, pod: str, uid: str) -> str:
 
 def ensure_network(network: str, image: str) -> str:
     """The test bed's podman network (a bridge: the pods reach each other and the host's gateway address,
-    nothing beyond, as this machine does not forward), with an idle infra container holding it up so the
-    gateway address exists before any pod (servers bind to it). Returns the gateway address."""
+    nothing beyond: see fence_rule), with an idle infra container holding it up so the gateway address
+    exists before any pod (servers bind to it). Returns the gateway address."""
     if subprocess.run(["podman", "network", "exists", network], timeout=60, check=False).returncode != 0:
         podman("network", "create", network)
+    rule = fence_rule(network)
+    if subprocess.run(["iptables", "-C", *rule], capture_output=True, timeout=60, check=False).returncode != 0:
+        subprocess.run(["iptables", "-I", *rule[:1], "1", *rule[1:]], capture_output=True, timeout=60, check=True)
     infra = f"{network}-infra"
     if subprocess.run(["podman", "container", "exists", infra], timeout=60, check=False).returncode != 0:
         podman("run", "-d", "--name", infra, "--network", network, "--ip", str(network_hosts(network)[1]),
@@ -135,8 +139,24 @@ def ensure_network(network: str, image: str) -> str:
     return str(network_hosts(network)[0])
 
 
+def fence_rule(network: str) -> list[str]:
+    """The iptables rule that keeps the network's traffic on this machine. An `--internal` podman network
+    has no gateway address here (CNI), and the pods need one for the bucket stand-in; a plain bridge
+    masquerades, and podman turns IP forwarding on, so anything from the network to an address outside
+    it is dropped where it would be forwarded. The gateway (this machine) is input, not forwarded, and
+    with bridge netfilter on, pod-to-pod traffic crosses FORWARD with both ends inside the subnet."""
+    subnet = podman("network", "inspect", network, "--format", "{{range .Subnets}}{{.Subnet}}{{end}}")
+    return ["FORWARD", "-s", subnet, "!", "-d", subnet, "-m", "comment", "--comment", f"pneumonia-testbed {network}",
+            "-j", "DROP"]
+
+
 def remove_network(network: str) -> None:
     podman("rm", "--force", "--time", "0", f"{network}-infra", check=False)
+    if subprocess.run(["podman", "network", "exists", network], timeout=60, check=False).returncode == 0:
+        rule = fence_rule(network)
+        for _ in range(10):  # one rule per ensure_network; a crash between two may have left another
+            if subprocess.run(["iptables", "-D", *rule], capture_output=True, timeout=60, check=False).returncode:
+                break
     podman("network", "rm", "--force", network, check=False)
 
 
@@ -448,6 +468,19 @@ class Kubelet:
                 return address
         raise RuntimeError(f"no free address left below the fixed ones on {self.network}")
 
+    def free_fixed_address(self) -> str:
+        """A fixed address no hostname holds; when all are taken, those of namespaces where none of this
+        kubelet's pods runs any more are given back first (each test's namespace is its own)."""
+        if len(self.fixed) == len(self.hosts):
+            live = {tracked.namespace for tracked in self.tracked.values() if tracked.reported != "terminated"}
+            self.fixed = {key: address for key, address in self.fixed.items() if key[0] in live}
+        taken = set(self.fixed.values())
+        for address in self.hosts:
+            if address not in taken:
+                return address
+        raise RuntimeError(f"all {len(self.hosts)} fixed addresses on {self.network} are held by running pods' "
+                           "hostnames")
+
     def pod_addresses(self, pod: dict) -> tuple[str, ...]:
         """For a pod in a headless Service's subdomain: its fixed address and its Job's peers' names."""
         spec, meta = pod["spec"], pod["metadata"]
@@ -471,7 +504,7 @@ class Kubelet:
         for hostname in dict.fromkeys([*hostnames, own]):  # the Job's in index order: predictable addresses
             key = (namespace, subdomain, hostname)
             if key not in self.fixed:
-                self.fixed[key] = self.hosts[len(self.fixed)]
+                self.fixed[key] = self.free_fixed_address()
             address = self.fixed[key]
             for alias in (f"{hostname}.{subdomain}", f"{hostname}.{subdomain}.{namespace}.svc.cluster.local"):
                 flags += ["--add-host", f"{alias}:{address}"]

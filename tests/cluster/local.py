@@ -28,7 +28,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bed  # noqa: E402
+import kube  # noqa: E402
 import pods  # noqa: E402 - tests/image, on the path through bed
+import testbed as testbed_module  # noqa: E402
 
 from pneumonia.k8s import manifests as mf  # noqa: E402
 
@@ -41,6 +43,9 @@ NAMESPACE = "pneumonia"
 JOBS = ("pneumonia-preprocess", "pneumonia-shard", "pneumonia-train", "pneumonia-evaluate")
 RUN_TIMEOUT_S = 2400
 DEMO_IMAGES = 300
+# Who runs the launcher after an admin's one-time setup (a CI identity, say): bound to the Role of
+# manifests/02-role.yaml and nothing else.
+LAUNCHER_ACCOUNT = "pneumonia-ci"
 
 
 def kubectl_binary() -> str:
@@ -116,19 +121,42 @@ def wait_for_jobs(kubeconfig: str, timeout_s: float) -> dict[str, str]:
         time.sleep(5)
 
 
+def setup_as_admin(kubeconfig: str, run_id: str) -> Path:
+    """What an admin applies once: the namespace-wide objects of manifests/ (namespace, the pods'
+    ServiceAccount, the launcher's and evaluate's Roles and bindings), the launcher's RoleBinding naming
+    ServiceAccount LAUNCHER_ACCOUNT (the manifest names a Google service account, which this cluster
+    lacks). Returns a kubeconfig of that ServiceAccount, its token from the TokenRequest API."""
+    folder = edited_manifests(WORK / "setup-manifests", bed.IMAGE, run_id)
+    objects = [obj for obj in mf.load_manifests(folder) if obj["kind"] in mf.SETUP_KINDS]
+    for obj in objects:
+        if obj["kind"] == "RoleBinding" and obj["metadata"]["name"] == "pneumonia-launcher":
+            obj["subjects"] = [{"kind": "ServiceAccount", "name": LAUNCHER_ACCOUNT, "namespace": NAMESPACE}]
+    objects.append({"apiVersion": "v1", "kind": "ServiceAccount",
+                    "metadata": {"name": LAUNCHER_ACCOUNT, "namespace": NAMESPACE}})
+    setup_file = WORK / "setup.yaml"
+    setup_file.write_text(yaml.safe_dump_all(objects, sort_keys=False))
+    print(kubectl(kubeconfig, "apply", "-f", str(setup_file)), flush=True)
+    return kube.service_account_kubeconfig(kube.api_client(kubeconfig), Path(kubeconfig), NAMESPACE, LAUNCHER_ACCOUNT,
+                                           WORK / "launcher.kubeconfig", expiration_s=RUN_TIMEOUT_S + 1200)
+
+
 def with_the_launcher(args: argparse.Namespace, testbed: bed.PodNetworkBed, run_id: str) -> int:
-    """`make train-cluster` with the built image (PUSH=0): the launcher uploads the archive, applies the
-    setup objects (--setup), creates and follows each Job, prints the report; then its `status` and
-    `logs` commands on the finished run."""
+    """`make train-cluster` with the built image (PUSH=0), run as ServiceAccount LAUNCHER_ACCOUNT after the
+    admin's setup: the launcher uploads the archive, creates and follows each Job, prints the report;
+    then its `status` and `logs` commands on the finished run, as the same identity."""
+    audit_log = testbed_module.Cluster(args.cluster_name).audit_log
+    audit_start = audit_log.stat().st_size if audit_log.exists() else 0
+    launcher_kubeconfig = setup_as_admin(args.kubeconfig, run_id)
+    print(f"cluster-local: the launcher runs as system:serviceaccount:{NAMESPACE}:{LAUNCHER_ACCOUNT} "
+          "(manifests/02-role.yaml's Role only)", flush=True)
     config_file = WORK / "launcher-config.yaml"
     config_file.write_text(demo_config_text(run_id).replace("gs://BUCKET", f"gs://{BUCKET}"))
     archive = WORK / "demo-chest-xray.zip"
     if not archive.exists():
         subprocess.run([sys.executable, "-m", "pneumonia.data.demo", "--out", str(archive), "--num-images",
                         str(DEMO_IMAGES)], check=True, timeout=600)
-    env = {**testbed.host_env(), "KUBECONFIG": args.kubeconfig}
-    flags = (f"--config {config_file} --setup --gsa pneumonia-pipeline@local.iam.gserviceaccount.com "
-             f"--poll-s 5 --timeout-s {RUN_TIMEOUT_S}")
+    env = {**testbed.host_env(), "KUBECONFIG": str(launcher_kubeconfig)}
+    flags = f"--config {config_file} --poll-s 5 --timeout-s {RUN_TIMEOUT_S}"
     make = ["make", "-C", str(REPO), "train-cluster", "PUSH=0", f"IMAGE={bed.IMAGE}", f"BUCKET=gs://{BUCKET}/pneumonia",
             f"ARCHIVE={archive}", f"RUN_ID={run_id}", f"K8S_FLAGS={flags}"]
     print("cluster-local: " + " ".join(make), flush=True)
@@ -137,12 +165,22 @@ def with_the_launcher(args: argparse.Namespace, testbed: bed.PodNetworkBed, run_
         print(f"cluster-local: python -m pneumonia.k8s {' '.join(command)}", flush=True)
         code = code or subprocess.run([sys.executable, "-m", "pneumonia.k8s", *command], env=env, timeout=300,
                                       check=False).returncode
-    return code
+    # What the API server's authorizer said to the launcher's identity, from its audit log. The one
+    # refusal by design: `get namespaces`, which the launcher reads as "may not tell".
+    requests = kube.audited(audit_log, NAMESPACE, LAUNCHER_ACCOUNT, start=audit_start)
+    refused = sorted({(verb, resource) for verb, resource, status in requests
+                      if status == 403 and (verb, resource) != ("get", "namespaces")})
+    print(f"cluster-local: the launcher's identity made {len(requests)} requests, "
+          f"{sum(status == 403 for _, _, status in requests)} refused (get namespaces by design)"
+          + (f"; also refused: {refused}" if refused else ""), flush=True)
+    return code or (1 if refused or not requests else 0)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kubeconfig", required=True)
+    parser.add_argument("--cluster-name", default=testbed_module.DEFAULT_NAME,
+                        help="the local control plane's name (make cluster-up's CLUSTER_NAME): its audit log is read")
     parser.add_argument("--min-kappa", type=float, default=0.8)
     parser.add_argument("--launcher", action="store_true",
                         help="run the pipeline with `make train-cluster` (the launcher) instead of kubectl apply")

@@ -9,6 +9,7 @@ period, then the pod object goes.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -106,3 +107,58 @@ def test_a_deleted_pod_gets_sigterm_then_sigkill_after_its_grace_period(kube_clu
     assert "got SIGTERM" in files["polite"].read_text()
     assert "ignoring SIGTERM" in files["stubborn"].read_text()
     assert 8 <= waited < 60, waited  # the stubborn one was killed after its 8 s grace, not before
+
+
+def test_fixed_addresses_of_finished_namespaces_are_given_back() -> None:
+    """Every test's namespace takes fixed addresses for its Jobs' hostnames; once all are taken, those of
+    namespaces with no running pod of this kubelet are given back, never one a running pod's peers know."""
+    import kubelet as kubelet_module
+
+    stand_in = object.__new__(kubelet_module.Kubelet)
+    stand_in.network, stand_in.hosts, stand_in.fixed = "net", ["10.0.0.61", "10.0.0.62", "10.0.0.63"], {}
+    stand_in.tracked = {"uid-a": kubelet_module.Tracked("live", "w-0", "c", "c", Path("log"), reported="running"),
+                        "uid-b": kubelet_module.Tracked("done", "w-0", "c", "c", Path("log"), reported="terminated")}
+    for key in (("live", "svc", "w-0"), ("done", "svc", "w-0"), ("done", "svc", "w-1")):
+        stand_in.fixed[key] = stand_in.free_fixed_address()
+    assert sorted(stand_in.fixed.values()) == stand_in.hosts
+    stand_in.fixed[("next", "svc", "w-0")] = stand_in.free_fixed_address()
+    assert stand_in.fixed == {("live", "svc", "w-0"): "10.0.0.61", ("next", "svc", "w-0"): "10.0.0.62"}
+    stand_in.fixed[("next", "svc", "w-1")] = stand_in.free_fixed_address()
+    stand_in.tracked["uid-b"].reported = "running"
+    stand_in.tracked["uid-c"] = kubelet_module.Tracked("next", "w-0", "c", "c", Path("log"), reported="running")
+    with pytest.raises(RuntimeError, match="all 3 fixed addresses"):
+        stand_in.free_fixed_address()
+
+
+def _connects(network: str, host: str, port: int) -> bool:
+    """Whether a container of the image on `network` opens a TCP connection to host:port within 3 s."""
+    code = f"import socket; socket.create_connection(({host!r}, {port}), timeout=3).close()"
+    return subprocess.run(["podman", "run", "--rm", "--network", network, bed.IMAGE, "-c", code],
+                          capture_output=True, timeout=120, check=False).returncode == 0
+
+
+def test_pods_reach_the_gateway_and_nothing_beyond(pod_bed) -> None:  # noqa: ANN001
+    """The pods' network reaches this machine (the bucket stand-in on the gateway), not another network:
+    a listener on podman's default network is reachable once the fence is lifted, and not with it."""
+    import kubelet as kubelet_module
+
+    server = f"{pod_bed.network}-outside"
+    subprocess.run(["podman", "run", "-d", "--rm", "--name", server, "--network", "podman", bed.IMAGE,
+                    "-m", "http.server", "8000"], capture_output=True, timeout=120, check=True)
+    try:
+        address = subprocess.run(["podman", "inspect", server, "--format", "{{.NetworkSettings.IPAddress}}"],
+                                 capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+        assert _connects("podman", address, 8000)  # it listens
+        proxy = pod_bed.emulator.proxy_url.rsplit(":", 1)
+        assert _connects(pod_bed.network, proxy[0].removeprefix("http://"), int(proxy[1]))
+        assert not _connects(pod_bed.network, address, 8000)
+        rule = kubelet_module.fence_rule(pod_bed.network)
+        subprocess.run(["iptables", "-D", *rule], capture_output=True, timeout=60, check=True)
+        try:
+            assert _connects(pod_bed.network, address, 8000)  # so the fence is what stopped it
+        finally:
+            kubelet_module.ensure_network(pod_bed.network, bed.IMAGE)
+        assert not _connects(pod_bed.network, address, 8000)
+    finally:
+        subprocess.run(["podman", "rm", "--force", "--time", "0", server], capture_output=True, timeout=120,
+                       check=False)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from cluster.kube import api_client, delete_namespace, service_account_kubeconfig, unique_name
+from cluster.kube import api_client, audited, delete_namespace, service_account_kubeconfig, unique_name
 from cluster.testbed import Cluster
 from pneumonia.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 from pneumonia.k8s.__main__ import main
@@ -74,20 +74,6 @@ def launcher(kubeconfig: Path, namespace: str, *args: str) -> tuple[int, str]:
     return code, out.getvalue()
 
 
-def audited(cluster: Cluster, namespace: str, account: str) -> list[tuple[str, str, int]]:
-    """(verb, resource[/subresource], response code) of each request the ServiceAccount made."""
-    user = f"system:serviceaccount:{namespace}:{account}"
-    requests = []
-    for line in cluster.audit_log.read_text().splitlines():
-        event = json.loads(line)
-        if event["user"]["username"] != user or event.get("stage") != "ResponseComplete":
-            continue
-        ref = event.get("objectRef", {})
-        resource = ref.get("resource", event["requestURI"]) + (f"/{ref['subresource']}" if ref.get("subresource") else "")
-        requests.append((event["verb"], resource, event["responseStatus"]["code"]))
-    return requests
-
-
 def test_launcher_runs_under_its_role_and_every_request_is_allowed(kube_cluster: Cluster,
                                                                    identity: tuple[str, Path]) -> None:
     namespace, kubeconfig = identity
@@ -107,7 +93,7 @@ def test_launcher_runs_under_its_role_and_every_request_is_allowed(kube_cluster:
     code, text = launcher(kubeconfig, namespace, "delete", "--run-id", RUN_ID, "--yes")
     assert code == EXIT_OK and "deleted Job pneumonia-preprocess" in text, text
 
-    requests = audited(kube_cluster, namespace, LAUNCHER)
+    requests = audited(kube_cluster.audit_log, namespace, LAUNCHER)
     refused = {(verb, resource) for verb, resource, status in requests if status >= 400 and status != 404}
     # The one refusal is by design: the Role cannot grant reading the namespace (cluster-scoped), and
     # the launcher reads a 403 there as "may not tell" (client.namespace_exists).
@@ -158,7 +144,7 @@ def test_missing_access_stops_before_anything_is_created(kube_cluster: Cluster, 
                           "--bucket", "gs://bucket/pneumonia", "--run-id", RUN_ID, "--timeout-s", "5")
     assert code == EXIT_BAD_INPUT, text
     assert f"your Kubernetes user may not create jobs.batch, get pods/log in namespace {namespace}" in text, text
-    writes = {(verb, resource) for verb, resource, _ in audited(kube_cluster, namespace, LAUNCHER)
+    writes = {(verb, resource) for verb, resource, _ in audited(kube_cluster.audit_log, namespace, LAUNCHER)
               if verb not in ("get", "list", "watch")}
     assert writes == {("create", "selfsubjectaccessreviews")}, writes
 
