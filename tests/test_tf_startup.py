@@ -4,6 +4,8 @@ order, and why no GPU was found is kept for the trainer's one line about it."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -51,3 +53,18 @@ def test_with_a_driver_the_cuda_error_is_the_reason_no_gpu_was_found() -> None:
     failed = "E0000 00:00:1.0   7 cuda_platform.cc:52] failed call to cuInit: CUDA_ERROR_NO_DEVICE: no device\n"
     assert tf_startup.filter_startup_lines(failed) == ""
     assert tf_startup.no_gpu_reason() == "failed call to cuInit: CUDA_ERROR_NO_DEVICE: no device"
+
+
+def test_the_launchers_upload_path_imports_tensorflow_quietly(tmp_path) -> None:  # noqa: ANN001
+    """The launcher uploads the archive through pneumonia.storage, which imports TensorFlow: a fresh
+    process doing just that prints none of the start-up lines (it printed them twice before)."""
+    source = tmp_path / "archive.zip"
+    source.write_bytes(b"PK\x05\x06" + bytes(18))
+    code = ("import sys; from pneumonia import storage; "
+            f"storage.upload_file({str(source)!r}, {str(tmp_path / 'bucket' / 'raw.zip')!r})")
+    env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                          check=True)
+    assert (tmp_path / "bucket" / "raw.zip").read_bytes() == source.read_bytes()
+    for line in STARTUP.splitlines():
+        assert line.split("]")[-1][:40] not in done.stderr, done.stderr

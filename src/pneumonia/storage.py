@@ -18,10 +18,15 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import tensorflow as tf
+from pneumonia import tf_startup
 
-from pneumonia.errors import StorageError, UpstreamMissingError
-from pneumonia.logs import get_logger
+# Every caller gets TensorFlow without its start-up lines (the launcher's archive upload printed them;
+# the stages have imported it quietly already, after their SIGTERM handler, and this is a no-op then).
+tf_startup.import_tensorflow()
+import tensorflow as tf  # noqa: E402
+
+from pneumonia.errors import StorageError, UpstreamMissingError  # noqa: E402
+from pneumonia.logs import get_logger  # noqa: E402
 
 log = get_logger(__name__)
 
