@@ -158,6 +158,13 @@ def test_manifest_and_table_carry_counts_and_imbalance():
     assert train_line.split()[1:] == [str(train[c]) for c in CLASS_NAMES] + [str(sum(train.values()))]
 
 
+def _plan_rows(images: list[demo.DemoImage]) -> list[dict]:
+    """The rows preprocess would give split_rows for a planned demo archive, with each film's `moved`."""
+    return [{"path": image.entry, "class": image.class_name, "label": CLASS_NAMES.index(image.class_name),
+             "patient": image.patient, "origin_split": image.origin_split, "split": "", "moved": image.moved}
+            for image in images]
+
+
 def test_val_carries_the_pools_share_of_misfiled_films():
     """On label-noise archives the misfiled films sit in small and mixed-class patient ids; a split
     that places such patients unevenly gives val another share of them than the pool it is cut from,
@@ -167,9 +174,7 @@ def test_val_carries_the_pools_share_of_misfiled_films():
     images = demo.plan_images(4000, seed=1, label_noise=0.2)
     gaps = []
     for seed in range(20):
-        rows = [{"path": image.entry, "class": image.class_name, "label": CLASS_NAMES.index(image.class_name),
-                 "patient": image.patient, "origin_split": image.origin_split, "split": "", "moved": image.moved}
-                for image in images]
+        rows = _plan_rows(images)
         split_lib.split_rows(rows, SplitConfig(mode="official", seed=seed, val_fraction=0.15))
         pool = [row["moved"] for row in rows if row["split"] in ("train", "val")]
         val = [row["moved"] for row in rows if row["split"] == "val"]
@@ -205,8 +210,7 @@ def test_small_archives_keep_each_class_share_to_about_one_patient():
     half a film, by saving small patients for the end, which is what biased it."""
     images = demo.plan_images(300, seed=0)
     for seed in range(10):
-        rows = [{"path": image.entry, "class": image.class_name, "label": CLASS_NAMES.index(image.class_name),
-                 "patient": image.patient, "origin_split": image.origin_split, "split": ""} for image in images]
+        rows = _plan_rows(images)
         split_lib.split_rows(rows, SplitConfig(mode="official", seed=seed, val_fraction=0.15))
         pool = [row for row in rows if row["split"] in ("train", "val")]
         for class_name in CLASS_NAMES:

@@ -145,7 +145,7 @@ def fence_rule(network: str) -> list[str]:
     masquerades, and podman turns IP forwarding on, so anything from the network to an address outside
     it is dropped where it would be forwarded. The gateway (this machine) is input, not forwarded, and
     with bridge netfilter on, pod-to-pod traffic crosses FORWARD with both ends inside the subnet."""
-    subnet = podman("network", "inspect", network, "--format", "{{range .Subnets}}{{.Subnet}}{{end}}")
+    subnet = network_subnet(network)
     return ["FORWARD", "-s", subnet, "!", "-d", subnet, "-m", "comment", "--comment", f"pneumonia-testbed {network}",
             "-j", "DROP"]
 
@@ -160,9 +160,12 @@ def remove_network(network: str) -> None:
     podman("network", "rm", "--force", network, check=False)
 
 
+def network_subnet(network: str) -> str:
+    return podman("network", "inspect", network, "--format", "{{range .Subnets}}{{.Subnet}}{{end}}")
+
+
 def network_hosts(network: str) -> list[ipaddress.IPv4Address]:
-    subnet = podman("network", "inspect", network, "--format", "{{range .Subnets}}{{.Subnet}}{{end}}")
-    return list(ipaddress.ip_network(subnet).hosts())
+    return list(ipaddress.ip_network(network_subnet(network)).hosts())
 
 
 # --- one pod's container ----------------------------------------------------------------------------
